@@ -1,0 +1,9 @@
+//! Types shared by `kp5-proxy` and `kp5-agent`: the environment seam used by
+//! config parsing, and the wire types both binaries exchange (through Redis,
+//! in later parts of the system) or show on their admin APIs.
+#![forbid(unsafe_code)]
+
+pub mod env;
+pub mod wire;
+
+pub use env::{Env, MapEnv, ProcessEnv};
