@@ -4,3 +4,8 @@
 
 pub mod balance;
 pub mod config;
+pub mod affinity;
+pub mod clock;
+pub mod health;
+pub mod state;
+pub mod tunnel;

@@ -1,0 +1,242 @@
+//! Match affinity: the first connection of a match is placed by the pool's
+//! strategy, and every later one goes to the same server. A match ends when
+//! its last connection closed and the pool's grace period passed; a match
+//! whose server died is moved, once, on its next connection.
+
+use crate::clock::Clock;
+use crate::state::ServerState;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+
+/// What the caller thinks of a match's current server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    /// Send the connection there.
+    Use,
+    /// Alive but at its connection limit: refuse, do not move the match.
+    Full,
+    /// Dead or gone from the config: move the match.
+    Gone,
+}
+
+/// The result of placing one connection of a match.
+#[derive(Debug)]
+pub enum Placement {
+    Placed(MatchLease),
+    /// The match's server is full.
+    Full,
+    /// No server can take a new match.
+    NoServer,
+}
+
+#[derive(Debug)]
+struct Entry {
+    server: Arc<ServerState>,
+    active: u32,
+    idle_since: u64,
+    grace_ms: u64,
+}
+
+type Table = HashMap<Arc<str>, HashMap<Box<str>, Entry>>;
+
+/// Match id → server, per pool.
+#[derive(Debug, Default)]
+pub struct Affinity {
+    clock: Clock,
+    table: Mutex<Table>,
+}
+
+impl Affinity {
+    pub fn new(clock: Clock) -> Self {
+        Affinity { clock, table: Mutex::new(HashMap::new()) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Places one connection of match `id`. `check` judges the current owner;
+    /// `pick` chooses a server for a new (or moved) match.
+    pub fn place(
+        self: &Arc<Self>,
+        pool: &Arc<str>,
+        id: &str,
+        grace_ms: u64,
+        check: impl Fn(&ServerState) -> Existing,
+        pick: impl FnOnce() -> Option<Arc<ServerState>>,
+    ) -> Placement {
+        let mut table = self.lock();
+        let matches = match table.get_mut(&**pool) {
+            Some(m) => m,
+            None => table.entry(pool.clone()).or_default(),
+        };
+        let server = match matches.get_mut(id) {
+            Some(e) => match check(&e.server) {
+                Existing::Use => {
+                    e.active += 1;
+                    e.server.clone()
+                }
+                Existing::Full => return Placement::Full,
+                Existing::Gone => {
+                    let Some(next) = pick() else { return Placement::NoServer };
+                    tracing::info!(match_id = id, from = %e.server.id, to = %next.id, "match moved");
+                    e.server.matches.fetch_sub(1, Relaxed);
+                    next.matches.fetch_add(1, Relaxed);
+                    e.server = next.clone();
+                    e.active += 1;
+                    e.grace_ms = grace_ms;
+                    next
+                }
+            },
+            None => {
+                let Some(server) = pick() else { return Placement::NoServer };
+                server.matches.fetch_add(1, Relaxed);
+                matches.insert(
+                    id.into(),
+                    Entry { server: server.clone(), active: 1, idle_since: 0, grace_ms },
+                );
+                server
+            }
+        };
+        Placement::Placed(MatchLease {
+            affinity: self.clone(),
+            pool: pool.clone(),
+            id: id.into(),
+            server,
+        })
+    }
+
+    fn release(&self, pool: &str, id: &str) {
+        let now = self.clock.now_ms();
+        let mut table = self.lock();
+        let Some(matches) = table.get_mut(pool) else { return };
+        let Some(e) = matches.get_mut(id) else { return };
+        e.active = e.active.saturating_sub(1);
+        if e.active == 0 {
+            if e.grace_ms == 0 {
+                e.server.matches.fetch_sub(1, Relaxed);
+                matches.remove(id);
+            } else {
+                e.idle_since = now;
+            }
+        }
+    }
+
+    /// Ends every match idle past its grace period; returns how many.
+    pub fn sweep(&self, now: u64) -> usize {
+        let mut ended = 0;
+        let mut table = self.lock();
+        for matches in table.values_mut() {
+            matches.retain(|_, e| {
+                let keep = e.active > 0 || now < e.idle_since + e.grace_ms;
+                if !keep {
+                    e.server.matches.fetch_sub(1, Relaxed);
+                    ended += 1;
+                }
+                keep
+            });
+        }
+        table.retain(|_, m| !m.is_empty());
+        ended
+    }
+
+    /// The server that owns match `id` of `pool`, if any.
+    pub fn owner(&self, pool: &str, id: &str) -> Option<Arc<ServerState>> {
+        self.lock().get(pool)?.get(id).map(|e| e.server.clone())
+    }
+
+    /// Number of known matches in all pools.
+    pub fn len(&self) -> usize {
+        self.lock().values().map(HashMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One open connection of a match; dropping it releases the connection.
+#[derive(Debug)]
+pub struct MatchLease {
+    affinity: Arc<Affinity>,
+    pool: Arc<str>,
+    id: Box<str>,
+    server: Arc<ServerState>,
+}
+
+impl MatchLease {
+    pub fn server(&self) -> &Arc<ServerState> {
+        &self.server
+    }
+
+    pub fn match_id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Drop for MatchLease {
+    fn drop(&mut self) {
+        self.affinity.release(&self.pool, &self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (Arc<Affinity>, Arc<str>, Arc<ServerState>, Arc<ServerState>) {
+        (
+            Arc::new(Affinity::new(Clock::new())),
+            Arc::from("pool"),
+            Arc::new(ServerState::new("a")),
+            Arc::new(ServerState::new("b")),
+        )
+    }
+
+    fn placed(p: Placement) -> MatchLease {
+        match p {
+            Placement::Placed(l) => l,
+            other => panic!("not placed: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn later_connections_follow_the_first() {
+        let (aff, pool, a, b) = setup();
+        let l1 = placed(aff.place(&pool, "42", 1000, |_| Existing::Use, || Some(a.clone())));
+        let l2 = placed(aff.place(&pool, "42", 1000, |_| Existing::Use, || Some(b.clone())));
+        assert_eq!(l2.server().id, a.id);
+        assert_eq!(a.matches.load(Relaxed), 1);
+        assert_eq!(b.matches.load(Relaxed), 0);
+        drop((l1, l2));
+        // within grace: still owned
+        assert_eq!(aff.sweep(Clock::new().now_ms()), 0);
+        assert_eq!(aff.owner("pool", "42").unwrap().id, a.id);
+        // after grace: ended
+        assert_eq!(aff.sweep(u64::MAX / 2), 1);
+        assert_eq!(a.matches.load(Relaxed), 0);
+        assert!(aff.is_empty());
+    }
+
+    #[test]
+    fn dead_owner_moves_once_and_full_owner_refuses() {
+        let (aff, pool, a, b) = setup();
+        let _l = placed(aff.place(&pool, "7", 0, |_| Existing::Use, || Some(a.clone())));
+        assert!(matches!(aff.place(&pool, "7", 0, |_| Existing::Full, || Some(b.clone())), Placement::Full));
+        let moved = placed(aff.place(&pool, "7", 0, |s| if s.id == a.id { Existing::Gone } else { Existing::Use }, || Some(b.clone())));
+        assert_eq!(moved.server().id, b.id);
+        assert_eq!((a.matches.load(Relaxed), b.matches.load(Relaxed)), (0, 1));
+        assert!(matches!(aff.place(&pool, "8", 0, |_| Existing::Use, || None), Placement::NoServer));
+    }
+
+    #[test]
+    fn zero_grace_ends_on_last_close() {
+        let (aff, pool, a, _) = setup();
+        let l = placed(aff.place(&pool, "1", 0, |_| Existing::Use, || Some(a.clone())));
+        assert_eq!(a.matches.load(Relaxed), 1);
+        drop(l);
+        assert_eq!(a.matches.load(Relaxed), 0);
+        assert!(aff.is_empty());
+    }
+}

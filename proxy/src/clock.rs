@@ -1,0 +1,27 @@
+//! A monotonic millisecond clock shared by the live state, so health and
+//! affinity code takes "now" as a plain number and stays testable.
+
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    epoch: Instant,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        Clock { epoch: Instant::now() }
+    }
+
+    /// Milliseconds since this clock started; never 0, so 0 can mean "unset".
+    #[inline]
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+}

@@ -1,0 +1,339 @@
+//! Upgraded connections (WebSocket and other `Upgrade:` protocols) relayed
+//! both ways on the raw sockets. Memory per idle tunnel stays small: the
+//! task waits for readiness and reads into a per-thread scratch buffer, and
+//! keeps a buffer of its own only for bytes the other side could not take
+//! yet (which is also the back-pressure: that side is not read again until
+//! they are written). Half-close is passed on; an idle tunnel, or one still
+//! open when the proxy shuts down, gets close code 1001 where it is WebSocket.
+
+pub mod frames;
+
+use frames::{close_frame, FrameTracker};
+use socket2::SockRef;
+use std::cell::RefCell;
+use std::io::{self, ErrorKind};
+use std::net::Shutdown;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+const SCRATCH: usize = 16 * 1024;
+/// Reads per wake-up before yielding to other tasks.
+const BURST: usize = 8;
+/// How long a closing tunnel waits for the peers' close replies.
+const LINGER: Duration = Duration::from_secs(1);
+
+thread_local! {
+    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
+}
+
+/// How a tunnel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Both sides closed their halves.
+    Closed,
+    /// A socket error (reset, broken pipe).
+    Error,
+    /// No byte either way for the idle timeout.
+    Idle,
+    /// The proxy is shutting down.
+    Shutdown,
+}
+
+/// Totals of one finished tunnel.
+#[derive(Debug, Clone, Copy)]
+pub struct Summary {
+    pub end: End,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub messages_up: u64,
+    pub messages_down: u64,
+}
+
+pub struct Options {
+    pub idle_timeout: Duration,
+    /// Track WebSocket frames (for close 1001 and message counts).
+    pub websocket: bool,
+}
+
+#[derive(Default)]
+struct Dir {
+    pending: Vec<u8>,
+    eof: bool,
+    shut: bool,
+    bytes: u64,
+    frames: Option<FrameTracker>,
+}
+
+enum Step {
+    Progress,
+    Idle,
+    Failed,
+}
+
+impl Dir {
+    fn can_read(&self) -> bool {
+        !self.eof && self.pending.is_empty()
+    }
+
+    /// Reads what `src` has and writes it on to `dst`, keeping what `dst` refuses.
+    fn relay(&mut self, src: &TcpStream, dst: &TcpStream) -> Step {
+        SCRATCH_BUF.with(|cell| {
+            let mut scratch = cell.borrow_mut();
+            let mut moved = false;
+            for _ in 0..BURST {
+                let n = match src.try_read(&mut scratch) {
+                    Ok(0) => {
+                        self.eof = true;
+                        return self.finish_if_flushed(dst);
+                    }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(_) => return Step::Failed,
+                };
+                moved = true;
+                self.bytes += n as u64;
+                if let Some(t) = self.frames.as_mut() {
+                    t.feed(&scratch[..n]);
+                }
+                match dst.try_write(&scratch[..n]) {
+                    Ok(w) if w == n => continue,
+                    Ok(w) => {
+                        self.pending.extend_from_slice(&scratch[w..n]);
+                        break;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        self.pending.extend_from_slice(&scratch[..n]);
+                        break;
+                    }
+                    Err(_) => return Step::Failed,
+                }
+            }
+            if moved {
+                Step::Progress
+            } else {
+                Step::Idle
+            }
+        })
+    }
+
+    /// Writes kept bytes to `dst` as it becomes writable.
+    fn flush(&mut self, dst: &TcpStream) -> Step {
+        while !self.pending.is_empty() {
+            match dst.try_write(&self.pending) {
+                Ok(w) => {
+                    self.pending.drain(..w);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Step::Idle,
+                Err(_) => return Step::Failed,
+            }
+        }
+        // release the buffer: an idle tunnel holds no memory for data
+        self.pending = Vec::new();
+        self.finish_if_flushed(dst)
+    }
+
+    fn finish_if_flushed(&mut self, dst: &TcpStream) -> Step {
+        if self.eof && self.pending.is_empty() && !self.shut {
+            self.shut = true;
+            // half-close: the peer sees EOF, the other direction goes on
+            if SockRef::from(dst).shutdown(Shutdown::Write).is_err() {
+                return Step::Failed;
+            }
+        }
+        Step::Progress
+    }
+
+    fn done(&self) -> bool {
+        self.shut
+    }
+}
+
+/// Relays between `client` and `server` until both sides closed, an error,
+/// the idle timeout, or `shutdown`. `client_early` and `server_early` are
+/// bytes already read past the HTTP heads.
+pub async fn run(
+    mut client: TcpStream,
+    client_early: &[u8],
+    mut server: TcpStream,
+    server_early: &[u8],
+    opts: Options,
+    shutdown: CancellationToken,
+) -> Summary {
+    let mut up = Dir::default(); // client → server
+    let mut down = Dir::default(); // server → client
+    if opts.websocket {
+        up.frames = Some(FrameTracker::default());
+        down.frames = Some(FrameTracker::default());
+    }
+    for (dir, early) in [(&mut up, client_early), (&mut down, server_early)] {
+        if !early.is_empty() {
+            dir.bytes += early.len() as u64;
+            if let Some(t) = dir.frames.as_mut() {
+                t.feed(early);
+            }
+            dir.pending.extend_from_slice(early);
+        }
+    }
+
+    let mut last = Instant::now();
+    let idle = tokio::time::sleep(opts.idle_timeout);
+    tokio::pin!(idle);
+
+    let end = loop {
+        if up.done() && down.done() {
+            break End::Closed;
+        }
+        let step = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break End::Shutdown,
+            r = client.writable(), if !down.pending.is_empty() => match r {
+                Ok(()) => down.flush(&client),
+                Err(_) => Step::Failed,
+            },
+            r = server.writable(), if !up.pending.is_empty() => match r {
+                Ok(()) => up.flush(&server),
+                Err(_) => Step::Failed,
+            },
+            r = client.readable(), if up.can_read() => match r {
+                Ok(()) => up.relay(&client, &server),
+                Err(_) => Step::Failed,
+            },
+            r = server.readable(), if down.can_read() => match r {
+                Ok(()) => down.relay(&server, &client),
+                Err(_) => Step::Failed,
+            },
+            _ = &mut idle => {
+                let deadline = last + opts.idle_timeout;
+                if Instant::now() >= deadline {
+                    break End::Idle;
+                }
+                idle.as_mut().reset(deadline);
+                Step::Idle
+            }
+        };
+        match step {
+            Step::Progress => last = Instant::now(),
+            Step::Idle => {}
+            Step::Failed => break End::Error,
+        }
+    };
+
+    if matches!(end, End::Idle | End::Shutdown) {
+        going_away(&mut client, &mut server, &mut up, &mut down).await;
+    }
+    let count = |d: &Dir| d.frames.as_ref().map_or(0, |t| t.messages);
+    Summary {
+        end,
+        bytes_up: up.bytes,
+        bytes_down: down.bytes,
+        messages_up: count(&up),
+        messages_down: count(&down),
+    }
+}
+
+/// Flushes what is in flight, sends close 1001 to both peers where the
+/// stream sits between frames, and waits briefly for them to finish.
+async fn going_away(client: &mut TcpStream, server: &mut TcpStream, up: &mut Dir, down: &mut Dir) {
+    let work = async {
+        client.write_all(&down.pending).await?;
+        server.write_all(&up.pending).await?;
+        if down.frames.as_ref().is_some_and(|t| t.at_boundary() && !t.closed) {
+            client.write_all(&close_frame(1001, "going away", false)).await?;
+        }
+        if up.frames.as_ref().is_some_and(|t| t.at_boundary() && !t.closed) {
+            server.write_all(&close_frame(1001, "going away", true)).await?;
+        }
+        let _ = client.shutdown().await;
+        let _ = server.shutdown().await;
+        // drain until both peers close, so the close handshake completes
+        let mut sink = [0u8; 1024];
+        let (mut c_eof, mut s_eof) = (false, false);
+        while !(c_eof && s_eof) {
+            tokio::select! {
+                r = client.readable(), if !c_eof => { r?; match client.try_read(&mut sink) { Ok(0) => c_eof = true, Ok(_) => {}, Err(e) if e.kind() == ErrorKind::WouldBlock => {}, Err(e) => return Err(e) } }
+                r = server.readable(), if !s_eof => { r?; match server.try_read(&mut sink) { Ok(0) => s_eof = true, Ok(_) => {}, Err(e) if e.kind() == ErrorKind::WouldBlock => {}, Err(e) => return Err(e) } }
+            }
+        }
+        Ok::<(), io::Error>(())
+    };
+    match tokio::time::timeout(LINGER, work).await {
+        Ok(Ok(())) | Err(_) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "tunnel close handshake cut short"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    #[tokio::test]
+    async fn relays_both_ways_with_half_close_and_back_pressure() {
+        let (mut client, proxy_c) = pair().await;
+        let (proxy_s, mut server) = pair().await;
+        let t = tokio::spawn(run(
+            proxy_c,
+            b"early",
+            proxy_s,
+            b"",
+            Options { idle_timeout: Duration::from_secs(30), websocket: false },
+            CancellationToken::new(),
+        ));
+        // 8 MiB up while the server does not read: back-pressure, then it all arrives
+        let big: Vec<u8> = (0..8 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+        let sent = big.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap(); // half-close
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), 5 + big.len());
+        assert_eq!(&got[..5], b"early");
+        assert!(got[5..] == big[..]);
+        server.write_all(b"reply after half-close").await.unwrap();
+        server.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"reply after half-close");
+        let s = t.await.unwrap();
+        assert_eq!(s.end, End::Closed);
+        assert_eq!(s.bytes_up, 5 + big.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn idle_websocket_gets_1001_both_ways() {
+        let (mut client, proxy_c) = pair().await;
+        let (proxy_s, mut server) = pair().await;
+        let t = tokio::spawn(run(
+            proxy_c,
+            b"",
+            proxy_s,
+            b"",
+            Options { idle_timeout: Duration::from_millis(200), websocket: true },
+            CancellationToken::new(),
+        ));
+        let mut buf = [0u8; 64];
+        let n = client.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], &close_frame(1001, "going away", false)[..]);
+        let n = server.read(&mut buf).await.unwrap();
+        assert_eq!(buf[0], 0x88);
+        assert_eq!(buf[1] & 0x80, 0x80, "client-to-server frames are masked");
+        assert_eq!(n, 6 + 12);
+        drop((client, server));
+        assert_eq!(t.await.unwrap().end, End::Idle);
+    }
+}
