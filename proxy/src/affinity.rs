@@ -49,7 +49,10 @@ pub struct Affinity {
 
 impl Affinity {
     pub fn new(clock: Clock) -> Self {
-        Affinity { clock, table: Mutex::new(HashMap::new()) }
+        Affinity {
+            clock,
+            table: Mutex::new(HashMap::new()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -79,7 +82,9 @@ impl Affinity {
                 }
                 Existing::Full => return Placement::Full,
                 Existing::Gone => {
-                    let Some(next) = pick() else { return Placement::NoServer };
+                    let Some(next) = pick() else {
+                        return Placement::NoServer;
+                    };
                     tracing::info!(match_id = id, from = %e.server.id, to = %next.id, "match moved");
                     e.server.matches.fetch_sub(1, Relaxed);
                     next.matches.fetch_add(1, Relaxed);
@@ -90,11 +95,18 @@ impl Affinity {
                 }
             },
             None => {
-                let Some(server) = pick() else { return Placement::NoServer };
+                let Some(server) = pick() else {
+                    return Placement::NoServer;
+                };
                 server.matches.fetch_add(1, Relaxed);
                 matches.insert(
                     id.into(),
-                    Entry { server: server.clone(), active: 1, idle_since: 0, grace_ms },
+                    Entry {
+                        server: server.clone(),
+                        active: 1,
+                        idle_since: 0,
+                        grace_ms,
+                    },
                 );
                 server
             }
@@ -110,7 +122,9 @@ impl Affinity {
     fn release(&self, pool: &str, id: &str) {
         let now = self.clock.now_ms();
         let mut table = self.lock();
-        let Some(matches) = table.get_mut(pool) else { return };
+        let Some(matches) = table.get_mut(pool) else {
+            return;
+        };
         let Some(e) = matches.get_mut(id) else { return };
         e.active = e.active.saturating_sub(1);
         if e.active == 0 {
@@ -223,11 +237,29 @@ mod tests {
     fn dead_owner_moves_once_and_full_owner_refuses() {
         let (aff, pool, a, b) = setup();
         let _l = placed(aff.place(&pool, "7", 0, |_| Existing::Use, || Some(a.clone())));
-        assert!(matches!(aff.place(&pool, "7", 0, |_| Existing::Full, || Some(b.clone())), Placement::Full));
-        let moved = placed(aff.place(&pool, "7", 0, |s| if s.id == a.id { Existing::Gone } else { Existing::Use }, || Some(b.clone())));
+        assert!(matches!(
+            aff.place(&pool, "7", 0, |_| Existing::Full, || Some(b.clone())),
+            Placement::Full
+        ));
+        let moved = placed(aff.place(
+            &pool,
+            "7",
+            0,
+            |s| {
+                if s.id == a.id {
+                    Existing::Gone
+                } else {
+                    Existing::Use
+                }
+            },
+            || Some(b.clone()),
+        ));
         assert_eq!(moved.server().id, b.id);
         assert_eq!((a.matches.load(Relaxed), b.matches.load(Relaxed)), (0, 1));
-        assert!(matches!(aff.place(&pool, "8", 0, |_| Existing::Use, || None), Placement::NoServer));
+        assert!(matches!(
+            aff.place(&pool, "8", 0, |_| Existing::Use, || None),
+            Placement::NoServer
+        ));
     }
 
     #[test]

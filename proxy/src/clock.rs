@@ -16,7 +16,9 @@ impl Default for Clock {
 
 impl Clock {
     pub fn new() -> Self {
-        Clock { epoch: Instant::now() }
+        Clock {
+            epoch: Instant::now(),
+        }
     }
 
     /// Milliseconds since this clock started; never 0, so 0 can mean "unset".

@@ -2,10 +2,19 @@
 //! affinity. `main.rs` is a thin shell around [`start`].
 #![forbid(unsafe_code)]
 
-pub mod balance;
-pub mod config;
+pub mod admin;
 pub mod affinity;
+pub mod app;
+pub mod balance;
 pub mod clock;
+pub mod config;
+pub mod forward;
 pub mod health;
+pub mod metrics;
+pub mod runtime;
+pub mod server;
 pub mod state;
 pub mod tunnel;
+
+pub use app::{start, ProxyHandle, StartError};
+pub use config::{Config, ConfigError};

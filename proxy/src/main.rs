@@ -1,1 +1,95 @@
-fn main(){}
+//! `kp5-proxy` binary: parse the CLI → load config (exit 64 on a bad one) →
+//! bind → serve → wait for SIGTERM/SIGINT → drain → exit 0.
+
+use anyhow::Context;
+use clap::Parser;
+use kp5_proxy::Config;
+use kp5_shared::ProcessEnv;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kp5-proxy",
+    version,
+    about = "WebSocket-aware load-balancing proxy with match affinity"
+)]
+struct Cli {
+    /// Config file (TOML). See configs/ for documented examples.
+    #[arg(
+        short,
+        long,
+        default_value = "configs/proxy.toml",
+        env = "KP5_PROXY_CONFIG"
+    )]
+    config: PathBuf,
+    /// Validate the config, print what is wrong, and exit (like `nginx -t`).
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.config, &ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kp5-proxy: {}: {e}", cli.config.display());
+            return ExitCode::from(64);
+        }
+    };
+    if cli.check {
+        println!(
+            "kp5-proxy: {}: configuration is valid",
+            cli.config.display()
+        );
+        return ExitCode::SUCCESS;
+    }
+    init_logging(&config);
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("kp5-proxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if config.log.json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.proxy.worker_threads {
+        rt.worker_threads(n);
+    }
+    let rt = rt.enable_all().build().context("starting the runtime")?;
+    rt.block_on(async {
+        let drain = config.proxy.drain_timeout;
+        let handle = kp5_proxy::start(config).await?;
+        wait_for_signal().await?;
+        handle.shutdown(drain).await;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    Ok(())
+}

@@ -26,7 +26,10 @@ pub struct LatencyHistogram {
 impl LatencyHistogram {
     pub fn observe_us(&self, us: u64) {
         let secs = us as f64 / 1e6;
-        let i = LATENCY_BUCKETS.iter().position(|&b| secs <= b).unwrap_or(LATENCY_BUCKETS.len());
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
         self.buckets[i].fetch_add(1, Relaxed);
         self.sum_us.fetch_add(us, Relaxed);
         self.count.fetch_add(1, Relaxed);
@@ -40,7 +43,11 @@ impl LatencyHistogram {
             .map(|(&b, c)| (b, c.load(Relaxed)))
             .collect();
         out.push((f64::MAX, self.buckets[LATENCY_BUCKETS.len()].load(Relaxed)));
-        (self.sum_us.load(Relaxed) as f64 / 1e6, self.count.load(Relaxed), out)
+        (
+            self.sum_us.load(Relaxed) as f64 / 1e6,
+            self.count.load(Relaxed),
+            out,
+        )
     }
 }
 
@@ -178,10 +185,19 @@ impl ServerState {
     }
 
     /// One active check result; rise/fall thresholds apply.
-    pub fn record_check(&self, ok: bool, rise: u32, fall: u32) {
+    pub fn record_check(&self, ok: bool, rise: u32, fall: u32, now: u64) {
         let mut checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
         let h = checks.get_or_insert_with(|| Hysteresis::new(rise, fall));
-        if let Some(up) = h.observe(ok) {
+        let transition = h.observe(ok);
+        if ok && h.healthy() && transition.is_none() && self.ejected_until.load(Relaxed) != 0 {
+            // a passing probe proves the server is reachable again: lift a
+            // passive ejection early, re-admitting it through slow start
+            if self.ejected_until.swap(0, Relaxed) > now {
+                self.readmitted_at.store(now, Relaxed);
+                tracing::info!(server = %self.id, "ejected server passed its health check; re-admitted");
+            }
+        }
+        if let Some(up) = transition {
             self.active_up.store(up, Relaxed);
             if up {
                 // back by active checks: lift any passive ejection at once
@@ -213,7 +229,10 @@ pub struct ConnGuard {
 impl ConnGuard {
     pub fn new(server: Arc<ServerState>) -> Self {
         server.connections.fetch_add(1, Relaxed);
-        ConnGuard { server, websocket: false }
+        ConnGuard {
+            server,
+            websocket: false,
+        }
     }
 
     pub fn server(&self) -> &Arc<ServerState> {
@@ -246,15 +265,26 @@ pub struct Live {
 
 impl Live {
     pub fn get_or_create(&self, id: &str) -> Arc<ServerState> {
-        if let Some(s) = self.servers.read().unwrap_or_else(|p| p.into_inner()).get(id) {
+        if let Some(s) = self
+            .servers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+        {
             return s.clone();
         }
         let mut w = self.servers.write().unwrap_or_else(|p| p.into_inner());
-        w.entry(Arc::from(id)).or_insert_with(|| Arc::new(ServerState::new(id))).clone()
+        w.entry(Arc::from(id))
+            .or_insert_with(|| Arc::new(ServerState::new(id)))
+            .clone()
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<ServerState>> {
-        self.servers.read().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+        self.servers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
     }
 
     /// Drops servers no config mentions and nothing uses any more.
@@ -321,12 +351,12 @@ mod tests {
         let s = ServerState::new("a");
         let p = policy();
         for _ in 0..2 {
-            s.record_check(false, 1, 2);
+            s.record_check(false, 1, 2, 1);
         }
         assert_eq!(s.health(1), Health::Unhealthy);
         s.record_connect_failure(&p, 1);
         s.record_connect_failure(&p, 1);
-        s.record_check(true, 1, 2);
+        s.record_check(true, 1, 2, 1);
         assert_eq!(s.health(2), Health::Healthy);
         s.draining.store(true, Relaxed);
         assert!(!s.available(2, &p));
@@ -334,13 +364,36 @@ mod tests {
     }
 
     #[test]
+    fn a_passing_probe_lifts_a_passive_ejection() {
+        let s = ServerState::new("a");
+        let p = Passive {
+            slow_start: Duration::from_millis(1000),
+            ..policy()
+        };
+        s.record_connect_failure(&p, 10);
+        s.record_connect_failure(&p, 10);
+        assert_eq!(s.health(20), Health::Ejected);
+        s.record_check(true, 2, 2, 20);
+        assert_eq!(s.health(21), Health::Healthy);
+        // re-admitted through slow start: only a share of new traffic at first
+        let taken = (0..1000).filter(|_| s.available(30, &p)).count();
+        assert!(taken < 200, "{taken}");
+    }
+
+    #[test]
     fn conn_guard_counts() {
         let s = Arc::new(ServerState::new("a"));
         let mut g = ConnGuard::new(s.clone());
         g.mark_websocket();
-        assert_eq!((s.connections.load(Relaxed), s.websockets.load(Relaxed)), (1, 1));
+        assert_eq!(
+            (s.connections.load(Relaxed), s.websockets.load(Relaxed)),
+            (1, 1)
+        );
         drop(g);
-        assert_eq!((s.connections.load(Relaxed), s.websockets.load(Relaxed)), (0, 0));
+        assert_eq!(
+            (s.connections.load(Relaxed), s.websockets.load(Relaxed)),
+            (0, 0)
+        );
     }
 
     #[test]

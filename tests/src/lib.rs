@@ -1,0 +1,6 @@
+//! End-to-end support: a demo match server (HTTP echo, WebSocket echo,
+//! health and stats endpoints) used by the README's demo and as the real
+//! backend of the tests, plus helpers to start proxies and clients.
+
+pub mod demo;
+pub mod support;

@@ -29,7 +29,11 @@ pub(super) fn pick<L: Load>(
             match first {
                 None => first = Some(i),
                 Some(f) => {
-                    return Some(if key(&servers[i]) < key(&servers[f]) { i } else { f });
+                    return Some(if key(&servers[i]) < key(&servers[f]) {
+                        i
+                    } else {
+                        f
+                    });
                 }
             }
         }

@@ -6,7 +6,11 @@ use super::{least, Load, Select};
 pub struct LeastConnections;
 
 impl Select for LeastConnections {
-    fn select<L: Load>(&self, servers: &[L], accept: &mut dyn FnMut(usize) -> bool) -> Option<usize> {
+    fn select<L: Load>(
+        &self,
+        servers: &[L],
+        accept: &mut dyn FnMut(usize) -> bool,
+    ) -> Option<usize> {
         least::pick(servers, |s| s.connections(), accept)
     }
 }

@@ -25,8 +25,11 @@ pub trait Load {
 /// One selection strategy. `accept(i)` says whether `servers[i]` is eligible;
 /// the strategy returns the index it chose among the eligible ones.
 pub trait Select {
-    fn select<L: Load>(&self, servers: &[L], accept: &mut dyn FnMut(usize) -> bool)
-        -> Option<usize>;
+    fn select<L: Load>(
+        &self,
+        servers: &[L],
+        accept: &mut dyn FnMut(usize) -> bool,
+    ) -> Option<usize>;
 }
 
 /// The strategy of a pool, chosen by config (static dispatch on the hot path).
@@ -89,7 +92,12 @@ pub(crate) mod testing {
 
     impl Fake {
         pub fn new(connections: u64, matches: u64) -> Self {
-            Fake { connections, matches, weight: 1, capacity_permille: 1000 }
+            Fake {
+                connections,
+                matches,
+                weight: 1,
+                capacity_permille: 1000,
+            }
         }
     }
 

@@ -10,7 +10,11 @@ pub struct RoundRobin {
 }
 
 impl Select for RoundRobin {
-    fn select<L: Load>(&self, servers: &[L], accept: &mut dyn FnMut(usize) -> bool) -> Option<usize> {
+    fn select<L: Load>(
+        &self,
+        servers: &[L],
+        accept: &mut dyn FnMut(usize) -> bool,
+    ) -> Option<usize> {
         let n = servers.len();
         if n == 0 {
             return None;
@@ -29,7 +33,9 @@ mod tests {
     fn rotates_exactly() {
         let rr = RoundRobin::default();
         let servers = vec![Fake::new(0, 0); 3];
-        let picks: Vec<_> = (0..6).map(|_| rr.select(&servers, &mut |_| true).unwrap()).collect();
+        let picks: Vec<_> = (0..6)
+            .map(|_| rr.select(&servers, &mut |_| true).unwrap())
+            .collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
     }
 

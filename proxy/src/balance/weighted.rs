@@ -13,7 +13,11 @@ pub struct Weighted {
 }
 
 impl Select for Weighted {
-    fn select<L: Load>(&self, servers: &[L], accept: &mut dyn FnMut(usize) -> bool) -> Option<usize> {
+    fn select<L: Load>(
+        &self,
+        servers: &[L],
+        accept: &mut dyn FnMut(usize) -> bool,
+    ) -> Option<usize> {
         let n = servers.len();
         let mut scores = self.scores.lock().unwrap_or_else(|p| p.into_inner());
         if scores.len() != n {
@@ -46,14 +50,19 @@ mod tests {
     use crate::balance::testing::Fake;
 
     fn w(weight: u32) -> Fake {
-        Fake { weight, ..Fake::new(0, 0) }
+        Fake {
+            weight,
+            ..Fake::new(0, 0)
+        }
     }
 
     #[test]
     fn smooth_sequence() {
         let s = vec![w(3), w(1)];
         let wrr = Weighted::default();
-        let picks: Vec<_> = (0..8).map(|_| wrr.select(&s, &mut |_| true).unwrap()).collect();
+        let picks: Vec<_> = (0..8)
+            .map(|_| wrr.select(&s, &mut |_| true).unwrap())
+            .collect();
         assert_eq!(picks, [0, 0, 1, 0, 0, 0, 1, 0]);
     }
 
@@ -75,8 +84,16 @@ mod tests {
     #[test]
     fn remaining_capacity_scales_weight() {
         let s = vec![
-            Fake { weight: 1, capacity_permille: 250, ..Fake::new(0, 0) },
-            Fake { weight: 1, capacity_permille: 1000, ..Fake::new(0, 0) },
+            Fake {
+                weight: 1,
+                capacity_permille: 250,
+                ..Fake::new(0, 0)
+            },
+            Fake {
+                weight: 1,
+                capacity_permille: 1000,
+                ..Fake::new(0, 0)
+            },
         ];
         let wrr = Weighted::default();
         let mut hits = [0; 2];

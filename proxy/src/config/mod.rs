@@ -137,9 +137,16 @@ pub struct Route {
 pub enum MatchRule {
     /// Path starts with `prefix`, then the id is the next segment, then
     /// `suffix` (if any) must follow: "/matches/{id}/ws" → prefix "/matches/", suffix "/ws".
-    Path { prefix: String, suffix: String },
-    Query { name: String },
-    Header { name: http::HeaderName },
+    Path {
+        prefix: String,
+        suffix: String,
+    },
+    Query {
+        name: String,
+    },
+    Header {
+        name: http::HeaderName,
+    },
 }
 
 /// Active health checks.

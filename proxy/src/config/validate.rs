@@ -16,7 +16,10 @@ pub(super) fn build(raw: RawConfig) -> Result<Config, ConfigError> {
     };
 
     if raw.pools.is_empty() {
-        return Err(ConfigError::invalid("pools", "at least one pool is required"));
+        return Err(ConfigError::invalid(
+            "pools",
+            "at least one pool is required",
+        ));
     }
     let mut server_ids = HashSet::new();
     let mut pools = Vec::with_capacity(raw.pools.len());
@@ -49,13 +52,19 @@ pub(super) fn build(raw: RawConfig) -> Result<Config, ConfigError> {
         let host = r.host.as_ref().map(|h| h.to_ascii_lowercase());
         if let Some(h) = &host {
             if h.is_empty() || h.contains('/') {
-                return Err(ConfigError::invalid(field("host"), format!("{h:?} is not a host name")));
+                return Err(ConfigError::invalid(
+                    field("host"),
+                    format!("{h:?} is not a host name"),
+                ));
             }
         }
         if !seen.insert((host.clone(), r.path_prefix.clone())) {
             return Err(ConfigError::invalid(
                 field("path_prefix"),
-                format!("duplicate route for host {:?} and prefix {:?}", host, r.path_prefix),
+                format!(
+                    "duplicate route for host {:?} and prefix {:?}",
+                    host, r.path_prefix
+                ),
             ));
         }
         routes.push(Route {
@@ -117,7 +126,10 @@ fn proxy_settings(p: &RawProxy) -> Result<ProxySettings, ConfigError> {
         listen.push(addr);
     }
     if p.worker_threads == Some(0) {
-        return Err(ConfigError::invalid("proxy.worker_threads", "must be at least 1"));
+        return Err(ConfigError::invalid(
+            "proxy.worker_threads",
+            "must be at least 1",
+        ));
     }
     if p.max_header_bytes < 8192 {
         return Err(ConfigError::invalid(
@@ -172,7 +184,10 @@ fn redis_settings(r: &RawRedis) -> Result<RedisSettings, ConfigError> {
     if r.key_prefix.is_empty() || r.key_prefix.contains(['{', '}', ' ']) {
         return Err(ConfigError::invalid(
             "redis.key_prefix",
-            format!("{:?} must be non-empty, without braces or spaces", r.key_prefix),
+            format!(
+                "{:?} must be non-empty, without braces or spaces",
+                r.key_prefix
+            ),
         ));
     }
     Ok(RedisSettings {
@@ -208,7 +223,11 @@ fn pool(
     server_ids: &mut HashSet<String>,
 ) -> Result<Pool, ConfigError> {
     let field = |k: &str| format!("pools.{name}.{k}");
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
         return Err(ConfigError::invalid(
             format!("pools.{name:?}"),
             "a pool name uses letters, digits, '-', '_' and '.' only",
@@ -217,14 +236,24 @@ fn pool(
     let strategy = StrategyKind::parse(&p.strategy).ok_or_else(|| {
         ConfigError::invalid(
             field("strategy"),
-            format!("unknown strategy {:?}; expected one of {}", p.strategy, StrategyKind::NAMES),
+            format!(
+                "unknown strategy {:?}; expected one of {}",
+                p.strategy,
+                StrategyKind::NAMES
+            ),
         )
     })?;
     if p.max_connections_per_server == 0 {
-        return Err(ConfigError::invalid(field("max_connections_per_server"), "must be at least 1"));
+        return Err(ConfigError::invalid(
+            field("max_connections_per_server"),
+            "must be at least 1",
+        ));
     }
     if p.max_matches_per_server == 0 {
-        return Err(ConfigError::invalid(field("max_matches_per_server"), "must be at least 1"));
+        return Err(ConfigError::invalid(
+            field("max_matches_per_server"),
+            "must be at least 1",
+        ));
     }
     if p.discover && !has_redis {
         return Err(ConfigError::invalid(
@@ -246,7 +275,8 @@ fn pool(
 
     if let Some(c) = &p.sticky_cookie {
         let ok = !c.is_empty()
-            && c.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            && c.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
         if !ok {
             return Err(ConfigError::invalid(
                 field("sticky_cookie"),
@@ -265,7 +295,10 @@ fn pool(
                 .ok()
                 .filter(|_| h.path.starts_with('/'))
                 .ok_or_else(|| {
-                    ConfigError::invalid(field("health_check.path"), format!("{:?} is not a path", h.path))
+                    ConfigError::invalid(
+                        field("health_check.path"),
+                        format!("{:?} is not a path", h.path),
+                    )
                 })?;
             let interval = positive_ms(&field("health_check.interval_ms"), h.interval_ms)?;
             let timeout = positive_ms(&field("health_check.timeout_ms"), h.timeout_ms)?;
@@ -303,7 +336,10 @@ fn pool(
             ));
         }
         if !server_ids.insert(b.id.clone()) {
-            return Err(ConfigError::invalid(bf("id"), format!("duplicate server id {:?}", b.id)));
+            return Err(ConfigError::invalid(
+                bf("id"),
+                format!("duplicate server id {:?}", b.id),
+            ));
         }
         let address = parse_authority(&b.address).ok_or_else(|| {
             ConfigError::invalid(
@@ -312,7 +348,10 @@ fn pool(
             )
         })?;
         if b.weight == 0 || b.weight > 1000 {
-            return Err(ConfigError::invalid(bf("weight"), format!("{} is outside 1..=1000", b.weight)));
+            return Err(ConfigError::invalid(
+                bf("weight"),
+                format!("{} is outside 1..=1000", b.weight),
+            ));
         }
         backends.push(Backend {
             id: b.id.clone(),
@@ -354,7 +393,9 @@ fn match_rule(field: &str, r: &RawMatchRule) -> Result<MatchRule, ConfigError> {
             let pattern = r.pattern.as_deref().ok_or_else(|| {
                 ConfigError::invalid(format!("{field}.pattern"), "required when from = \"path\"")
             })?;
-            let bad = |m: &str| ConfigError::invalid(format!("{field}.pattern"), format!("{pattern:?}: {m}"));
+            let bad = |m: &str| {
+                ConfigError::invalid(format!("{field}.pattern"), format!("{pattern:?}: {m}"))
+            };
             if !pattern.starts_with('/') {
                 return Err(bad("must start with '/'"));
             }
@@ -374,12 +415,17 @@ fn match_rule(field: &str, r: &RawMatchRule) -> Result<MatchRule, ConfigError> {
             let name = r.name.as_deref().filter(|n| !n.is_empty()).ok_or_else(|| {
                 ConfigError::invalid(format!("{field}.name"), "required when from = \"query\"")
             })?;
-            Ok(MatchRule::Query { name: name.to_owned() })
+            Ok(MatchRule::Query {
+                name: name.to_owned(),
+            })
         }
         "header" => {
             let name = r.name.as_deref().unwrap_or_default();
             let name = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                ConfigError::invalid(format!("{field}.name"), format!("{name:?} is not a header name"))
+                ConfigError::invalid(
+                    format!("{field}.name"),
+                    format!("{name:?} is not a header name"),
+                )
             })?;
             Ok(MatchRule::Header { name })
         }
@@ -417,7 +463,9 @@ backends = [
 "#;
 
     fn err(text: &str) -> String {
-        Config::from_toml(text, &MapEnv::new()).unwrap_err().to_string()
+        Config::from_toml(text, &MapEnv::new())
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -430,7 +478,10 @@ backends = [
         assert_eq!(p.backends[1].weight, 1);
         assert_eq!(
             p.match_id[0],
-            MatchRule::Path { prefix: "/matches/".into(), suffix: String::new() }
+            MatchRule::Path {
+                prefix: "/matches/".into(),
+                suffix: String::new()
+            }
         );
         assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9901");
     }
@@ -438,7 +489,10 @@ backends = [
     #[test]
     fn errors_name_the_field() {
         let e = err(&GOOD.replace("least_matches", "fastest"));
-        assert!(e.contains("pools.matches.strategy") && e.contains("fastest"), "{e}");
+        assert!(
+            e.contains("pools.matches.strategy") && e.contains("fastest"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("127.0.0.1:3001", "nowhere"));
         assert!(e.contains("pools.matches.backends[0].address"), "{e}");
         let e = err(&GOOD.replace("server-2", "server-1"));
@@ -476,7 +530,10 @@ backends = [
         assert_eq!(p.max_connections_per_server, 7);
         assert_eq!(p.max_matches_per_server, 3);
         assert_eq!(p.strategy, StrategyKind::RoundRobin);
-        assert_eq!(p.health_check.as_ref().unwrap().interval, Duration::from_millis(250));
+        assert_eq!(
+            p.health_check.as_ref().unwrap().interval,
+            Duration::from_millis(250)
+        );
         assert_eq!(c.monitoring.retention_hours, 2);
         assert_eq!(c.log.level, "debug");
 

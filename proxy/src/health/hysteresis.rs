@@ -13,7 +13,12 @@ pub struct Hysteresis {
 impl Hysteresis {
     /// Starts healthy, like nginx and HAProxy: a server is used until checks say otherwise.
     pub fn new(rise: u32, fall: u32) -> Self {
-        Hysteresis { healthy: true, rise: rise.max(1), fall: fall.max(1), streak: 0 }
+        Hysteresis {
+            healthy: true,
+            rise: rise.max(1),
+            fall: fall.max(1),
+            streak: 0,
+        }
     }
 
     pub fn healthy(&self) -> bool {

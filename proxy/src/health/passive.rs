@@ -9,7 +9,8 @@ use crate::config::Passive;
 pub fn ejection_ms(policy: &Passive, n: u32) -> u64 {
     let base = policy.ejection.as_millis() as u64;
     let max = policy.max_ejection.as_millis() as u64;
-    base.saturating_mul(1u64 << n.saturating_sub(1).min(20)).min(max)
+    base.saturating_mul(1u64 << n.saturating_sub(1).min(20))
+        .min(max)
 }
 
 /// Share of new traffic (per-mille) a server re-admitted at `since` takes at `now`.

@@ -20,7 +20,14 @@ pub struct FrameTracker {
 
 impl Default for FrameTracker {
     fn default() -> Self {
-        FrameTracker { state: State::Header { buf: [0; 14], have: 0 }, messages: 0, closed: false }
+        FrameTracker {
+            state: State::Header {
+                buf: [0; 14],
+                have: 0,
+            },
+            messages: 0,
+            closed: false,
+        }
     }
 }
 
@@ -48,11 +55,18 @@ impl FrameTracker {
                     data = &data[n..];
                     *remaining -= n as u64;
                     if *remaining == 0 {
-                        self.state = State::Header { buf: [0; 14], have: 0 };
+                        self.state = State::Header {
+                            buf: [0; 14],
+                            have: 0,
+                        };
                     }
                 }
                 State::Header { buf, have } => {
-                    let need = if *have < 2 { 2 } else { header_len(buf[0], buf[1]) };
+                    let need = if *have < 2 {
+                        2
+                    } else {
+                        header_len(buf[0], buf[1])
+                    };
                     let take = (need - *have as usize).min(data.len());
                     buf[*have as usize..*have as usize + take].copy_from_slice(&data[..take]);
                     *have += take as u8;
@@ -77,7 +91,10 @@ impl FrameTracker {
                         self.closed = true;
                     }
                     self.state = if len == 0 {
-                        State::Header { buf: [0; 14], have: 0 }
+                        State::Header {
+                            buf: [0; 14],
+                            have: 0,
+                        }
                     } else {
                         State::Payload { remaining: len }
                     };
@@ -161,7 +178,11 @@ mod tests {
             assert!(t.at_boundary() && t.closed);
             assert_eq!(f[0], 0x88);
             let payload: Vec<u8> = if masked {
-                f[6..].iter().enumerate().map(|(i, b)| b ^ f[2 + i % 4]).collect()
+                f[6..]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| b ^ f[2 + i % 4])
+                    .collect()
             } else {
                 f[2..].to_vec()
             };

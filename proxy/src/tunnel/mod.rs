@@ -240,11 +240,23 @@ async fn going_away(client: &mut TcpStream, server: &mut TcpStream, up: &mut Dir
     let work = async {
         client.write_all(&down.pending).await?;
         server.write_all(&up.pending).await?;
-        if down.frames.as_ref().is_some_and(|t| t.at_boundary() && !t.closed) {
-            client.write_all(&close_frame(1001, "going away", false)).await?;
+        if down
+            .frames
+            .as_ref()
+            .is_some_and(|t| t.at_boundary() && !t.closed)
+        {
+            client
+                .write_all(&close_frame(1001, "going away", false))
+                .await?;
         }
-        if up.frames.as_ref().is_some_and(|t| t.at_boundary() && !t.closed) {
-            server.write_all(&close_frame(1001, "going away", true)).await?;
+        if up
+            .frames
+            .as_ref()
+            .is_some_and(|t| t.at_boundary() && !t.closed)
+        {
+            server
+                .write_all(&close_frame(1001, "going away", true))
+                .await?;
         }
         let _ = client.shutdown().await;
         let _ = server.shutdown().await;
@@ -287,7 +299,10 @@ mod tests {
             b"early",
             proxy_s,
             b"",
-            Options { idle_timeout: Duration::from_secs(30), websocket: false },
+            Options {
+                idle_timeout: Duration::from_secs(30),
+                websocket: false,
+            },
             CancellationToken::new(),
         ));
         // 8 MiB up while the server does not read: back-pressure, then it all arrives
@@ -323,7 +338,10 @@ mod tests {
             b"",
             proxy_s,
             b"",
-            Options { idle_timeout: Duration::from_millis(200), websocket: true },
+            Options {
+                idle_timeout: Duration::from_millis(200),
+                websocket: true,
+            },
             CancellationToken::new(),
         ));
         let mut buf = [0u8; 64];

@@ -1,0 +1,244 @@
+//! The running proxy: process-wide shared state, startup, and the handle
+//! used by `main.rs` and by the end-to-end tests.
+
+use crate::affinity::Affinity;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::forward::body::UpstreamBody;
+use crate::runtime::Runtime;
+use crate::state::Live;
+use crate::{admin, health, server};
+use arc_swap::ArcSwap;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Process-wide counters (per-server figures live in [`crate::state::ServerState`]).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Responses to clients by class 1xx..5xx.
+    pub requests: [AtomicU64; 5],
+    /// 503s because no server could take the request.
+    pub no_capacity: AtomicU64,
+    pub websockets_total: AtomicU64,
+    pub websockets_active: AtomicU64,
+    /// WebSocket messages relayed (both directions).
+    pub ws_messages: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub connections_active: AtomicU64,
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+}
+
+/// Everything the request path shares.
+pub struct Shared {
+    pub runtime: ArcSwap<Runtime>,
+    pub live: Live,
+    pub affinity: Arc<Affinity>,
+    pub clock: Clock,
+    pub client: Client<HttpConnector, UpstreamBody>,
+    pub counters: Arc<Counters>,
+    /// Open tunnels, so shutdown can wait for them.
+    pub tunnels: TaskTracker,
+    /// Cancelled when tunnels must close (drain timeout passed).
+    pub close_tunnels: CancellationToken,
+    /// Cancelled when health checkers of the current runtime must stop.
+    checkers: std::sync::Mutex<CancellationToken>,
+}
+
+/// Per client connection.
+pub struct ConnCtx {
+    pub shared: Arc<Shared>,
+    pub peer: SocketAddr,
+    pub scheme: &'static str,
+}
+
+impl Shared {
+    fn new(config: Arc<Config>) -> Arc<Shared> {
+        let p = &config.proxy;
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(p.connect_timeout));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(p.upstream_idle_timeout)
+            .pool_max_idle_per_host(p.upstream_keepalive)
+            .set_host(false)
+            .build(http);
+        let live = Live::default();
+        let clock = Clock::new();
+        let runtime = Runtime::build(config, &live);
+        Arc::new(Shared {
+            runtime: ArcSwap::from_pointee(runtime),
+            live,
+            affinity: Arc::new(Affinity::new(clock)),
+            clock,
+            client,
+            counters: Arc::default(),
+            tunnels: TaskTracker::new(),
+            close_tunnels: CancellationToken::new(),
+            checkers: std::sync::Mutex::new(CancellationToken::new()),
+        })
+    }
+
+    /// Swaps in a new config: built off the hot path, then stored atomically.
+    /// Live state (counts, health, matches) carries over by server id.
+    pub fn apply(self: &Arc<Self>, config: Config) {
+        let runtime = Runtime::build(Arc::new(config), &self.live);
+        self.runtime.store(Arc::new(runtime));
+        let rt = self.runtime.load();
+        self.live.retain(|id| rt.server_ids().any(|s| s == id));
+        self.restart_checkers();
+    }
+
+    fn restart_checkers(self: &Arc<Self>) {
+        let token = CancellationToken::new();
+        let old = std::mem::replace(
+            &mut *self.checkers.lock().unwrap_or_else(|p| p.into_inner()),
+            token.clone(),
+        );
+        old.cancel();
+        health::checker::spawn_all(self.clone(), token);
+    }
+}
+
+/// A started proxy.
+pub struct ProxyHandle {
+    pub shared: Arc<Shared>,
+    /// Bound data-plane addresses (with real ports when 0 was asked for).
+    pub listen: Vec<SocketAddr>,
+    pub admin: SocketAddr,
+    stop: CancellationToken,
+    conns: TaskTracker,
+    tasks: TaskTracker,
+}
+
+/// Errors that stop the proxy from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Binds every listener and starts serving. Must run inside a Tokio runtime.
+pub async fn start(config: Config) -> Result<ProxyHandle, StartError> {
+    if config.redis.is_some() {
+        tracing::warn!(
+            "[redis] is set, but this build routes on the embedded in-process registry only"
+        );
+    }
+    let config = Arc::new(config);
+    let mut listeners = Vec::new();
+    for &addr in &config.proxy.listen {
+        let l = server::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
+        listeners.push(l);
+    }
+    let admin_addr = config.admin.listen;
+    let admin_listener = server::bind(admin_addr).map_err(|source| StartError::Bind {
+        addr: admin_addr,
+        source,
+    })?;
+
+    let shared = Shared::new(config);
+    let stop = CancellationToken::new();
+    let conns = TaskTracker::new();
+    let tasks = TaskTracker::new();
+    let listen: Vec<SocketAddr> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    let admin = admin_listener.local_addr().unwrap_or(admin_addr);
+    for l in listeners {
+        tasks.spawn(server::accept_loop(
+            l,
+            shared.clone(),
+            stop.clone(),
+            conns.clone(),
+        ));
+    }
+    tasks.spawn(admin::serve(admin_listener, shared.clone(), stop.clone()));
+    tasks.spawn(sweeper(shared.clone(), stop.clone()));
+    shared.restart_checkers();
+    tracing::info!(?listen, %admin, "kp5-proxy started");
+    Ok(ProxyHandle {
+        shared,
+        listen,
+        admin,
+        stop,
+        conns,
+        tasks,
+    })
+}
+
+/// Ends matches whose grace period passed.
+async fn sweeper(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let ended = shared.affinity.sweep(shared.clock.now_ms());
+                if ended > 0 {
+                    tracing::debug!(ended, "matches ended");
+                }
+            }
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+impl ProxyHandle {
+    /// Applies a new config without dropping anything.
+    pub fn reload(&self, config: Config) {
+        self.shared.apply(config);
+        self.shared
+            .counters
+            .reloads_ok
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Graceful shutdown: stop accepting, let in-flight HTTP finish, give open
+    /// tunnels `drain` to end by themselves, then close them with 1001.
+    pub async fn shutdown(self, drain: Duration) {
+        tracing::info!(?drain, "shutting down");
+        self.stop.cancel();
+        self.shared
+            .checkers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .cancel();
+        self.conns.close();
+        self.tasks.close();
+        self.shared.tunnels.close();
+        let deadline = tokio::time::Instant::now() + drain;
+        let in_flight = async {
+            self.conns.wait().await;
+            self.tasks.wait().await;
+        };
+        if tokio::time::timeout_at(deadline, in_flight).await.is_err() {
+            tracing::warn!("in-flight requests still running after the drain timeout");
+        }
+        if tokio::time::timeout_at(deadline, self.shared.tunnels.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                open = self.shared.tunnels.len(),
+                "closing open WebSockets with 1001"
+            );
+        }
+        self.shared.close_tunnels.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.shared.tunnels.wait()).await;
+        tracing::info!("stopped");
+    }
+}

@@ -1,0 +1,162 @@
+//! Header rewriting at the proxy boundary: hop-by-hop headers go (RFC 9110
+//! §7.6.1), the forwarding headers are added, `Host` stays as the client sent it.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use std::net::IpAddr;
+
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers and any header the `Connection` header names.
+/// `Upgrade` is removed too unless `keep_upgrade`.
+pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    if let Some(conn) = h.get(header::CONNECTION) {
+        if conn.as_bytes().contains(&b',') || !conn.as_bytes().eq_ignore_ascii_case(b"keep-alive") {
+            let named: Vec<HeaderName> = h
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+                .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+                .collect();
+            for n in named {
+                h.remove(n);
+            }
+        }
+    }
+    for n in &HOP_BY_HOP {
+        h.remove(n);
+    }
+    if !keep_upgrade {
+        h.remove(header::UPGRADE);
+    }
+}
+
+/// Is this an HTTP/1.1 upgrade request (WebSocket or another protocol)?
+pub fn is_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+pub fn is_websocket(h: &HeaderMap) -> bool {
+    h.get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+}
+
+static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Adds `X-Forwarded-For/-Proto/-Host` and `Forwarded` (RFC 7239), appending
+/// to what earlier proxies wrote.
+pub fn add_forwarded(
+    h: &mut HeaderMap,
+    client: IpAddr,
+    proto: &'static str,
+    host: Option<&HeaderValue>,
+) {
+    let ip = client.to_string();
+    let xff = match h.get(&XFF).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip.clone(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert(&XFF, v);
+    }
+    h.insert(&XFP, HeaderValue::from_static(proto));
+    if let Some(host) = host {
+        h.insert(&XFH, host.clone());
+    }
+    let node = match client {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(_) => format!("\"[{ip}]\""),
+    };
+    let mut fwd = format!("for={node};proto={proto}");
+    if let Some(host) = host.and_then(|v| v.to_str().ok()) {
+        fwd.push_str(";host=\"");
+        fwd.push_str(host);
+        fwd.push('"');
+    }
+    let value = match h.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {fwd}"),
+        None => fwd,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        h.insert(header::FORWARDED, v);
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub fn cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == name).then(|| v.trim_matches('"'))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            "keep-alive, x-secret, Upgrade".parse().unwrap(),
+        );
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        h.insert(header::HOST, "a".parse().unwrap());
+        assert!(is_upgrade(&h) && is_websocket(&h));
+        let mut up = h.clone();
+        strip_hop_by_hop(&mut up, true);
+        assert!(up.contains_key(header::UPGRADE) && !up.contains_key("x-secret"));
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["host"]);
+    }
+
+    #[test]
+    fn forwarded_headers_append() {
+        let mut h = HeaderMap::new();
+        h.insert(&XFF, "10.0.0.1".parse().unwrap());
+        let host = HeaderValue::from_static("play.example");
+        add_forwarded(&mut h, "::1".parse().unwrap(), "http", Some(&host));
+        assert_eq!(h[&XFF], "10.0.0.1, ::1");
+        assert_eq!(h[&XFP], "http");
+        assert_eq!(h[&XFH], "play.example");
+        assert_eq!(
+            h[header::FORWARDED],
+            "for=\"[::1]\";proto=http;host=\"play.example\""
+        );
+    }
+
+    #[test]
+    fn finds_cookie() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, "a=1; kp5_srv=server-2".parse().unwrap());
+        assert_eq!(cookie(&h, "kp5_srv"), Some("server-2"));
+        assert_eq!(cookie(&h, "b"), None);
+    }
+}

@@ -1,0 +1,447 @@
+//! The request path, top to bottom: route → find the match id → choose a
+//! server (affinity, sticky cookie or strategy) → connect and forward, or
+//! tunnel an upgrade → account. A connect failure (nothing sent yet) is
+//! retried on another server.
+
+pub mod body;
+pub mod error;
+pub mod headers;
+pub mod match_id;
+
+use crate::affinity::{Existing, MatchLease, Placement};
+use crate::app::{ConnCtx, Shared};
+use crate::runtime::{PoolRuntime, Runtime, Upstream};
+use crate::state::ConnGuard;
+use crate::tunnel;
+use body::{BodySlot, ProxyBody, UpstreamBody};
+use error::ProxyError;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::net::TcpStream;
+
+/// Serves one request from a client connection.
+pub async fn handle(
+    req: Request<Incoming>,
+    ctx: Arc<ConnCtx>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let start = Instant::now();
+    let rt = ctx.shared.runtime.load_full();
+    let access = rt.config.log.access_log;
+    let head = access.then(|| (req.method().clone(), req.uri().clone()));
+    let resp = match proxy(req, &ctx, &rt).await {
+        Ok(r) => r,
+        Err(e) => error_response(&ctx.shared, &e),
+    };
+    let status = resp.status().as_u16();
+    ctx.shared.counters.requests[(status / 100).clamp(1, 5) as usize - 1].fetch_add(1, Relaxed);
+    if let Some((method, uri)) = head {
+        tracing::info!(
+            target: "access",
+            client = %ctx.peer,
+            %method,
+            %uri,
+            status,
+            ms = start.elapsed().as_secs_f64() * 1e3,
+        );
+    }
+    Ok(resp)
+}
+
+fn error_response(shared: &Shared, e: &ProxyError) -> Response<ProxyBody> {
+    let status = e.status();
+    match e.source_side() {
+        error::ErrorSource::Upstream => tracing::warn!(error = %e, "upstream error"),
+        _ => tracing::debug!(error = %e, "request refused"),
+    }
+    let mut resp = Response::new(ProxyBody::text(format!(
+        "{{\"error\":\"{}\",\"status\":{}}}\n",
+        e.to_string().replace('"', "'"),
+        status.as_u16()
+    )));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        shared.counters.no_capacity.fetch_add(1, Relaxed);
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+/// Where one attempt goes.
+struct Choice<'rt> {
+    upstream: &'rt Upstream,
+    lease: Option<MatchLease>,
+    set_cookie: bool,
+}
+
+fn choose<'rt>(
+    shared: &Shared,
+    pool: &'rt PoolRuntime,
+    match_id: Option<&str>,
+    sticky: Option<&str>,
+    now: u64,
+) -> Result<Choice<'rt>, ProxyError> {
+    if let Some(id) = match_id {
+        let check = |s: &crate::state::ServerState| match pool.find(&s.id) {
+            Some(u) if s.alive(now) => {
+                if pool.has_room(u) {
+                    Existing::Use
+                } else {
+                    Existing::Full
+                }
+            }
+            _ => Existing::Gone,
+        };
+        let pick = || pool.pick(now, true).map(|u| u.state.clone());
+        let grace = pool.cfg.match_grace.as_millis() as u64;
+        return match shared.affinity.place(&pool.name, id, grace, check, pick) {
+            Placement::Placed(lease) => {
+                let upstream = pool
+                    .find(&lease.server().id)
+                    .ok_or(ProxyError::NoCapacity)?;
+                Ok(Choice {
+                    upstream,
+                    lease: Some(lease),
+                    set_cookie: false,
+                })
+            }
+            Placement::Full | Placement::NoServer => Err(ProxyError::NoCapacity),
+        };
+    }
+    if let Some(u) = sticky.and_then(|id| pool.find(id)) {
+        if u.state.alive(now) && pool.has_room(u) {
+            return Ok(Choice {
+                upstream: u,
+                lease: None,
+                set_cookie: false,
+            });
+        }
+    }
+    let upstream = pool.pick(now, false).ok_or(ProxyError::NoCapacity)?;
+    Ok(Choice {
+        upstream,
+        lease: None,
+        set_cookie: pool.cfg.sticky_cookie.is_some(),
+    })
+}
+
+fn host_without_port(h: &str) -> &str {
+    if h.starts_with('[') {
+        return h.split_once(']').map_or(h, |(a, _)| &a[1..]);
+    }
+    h.rsplit_once(':').map_or(h, |(a, _)| a)
+}
+
+async fn proxy(
+    mut req: Request<Incoming>,
+    ctx: &ConnCtx,
+    rt: &Runtime,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let shared = &*ctx.shared;
+    let settings = &rt.config.proxy;
+    let host_value = req.headers().get(header::HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let host = host_value
+        .as_ref()
+        .and_then(|h| h.to_str().ok())
+        .map(host_without_port);
+    let pool = rt
+        .route(host, req.uri().path())
+        .ok_or(ProxyError::NoRoute)?;
+
+    let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
+    let websocket = upgrade && headers::is_websocket(req.headers());
+    let match_id = match_id::extract(
+        &pool.cfg.match_id,
+        req.uri().path(),
+        req.uri().query(),
+        req.headers(),
+    )
+    .map(|id| id.into_owned());
+    let sticky = match (&pool.cfg.sticky_cookie, &match_id) {
+        (Some(name), None) => headers::cookie(req.headers(), name).map(str::to_owned),
+        _ => None,
+    };
+    let mut on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+    let (mut parts, body) = req.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+    if upgrade {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if let (false, Some(h)) = (parts.headers.contains_key(header::HOST), &host_value) {
+        parts.headers.insert(header::HOST, h.clone());
+    }
+    headers::add_forwarded(
+        &mut parts.headers,
+        ctx.peer.ip(),
+        ctx.scheme,
+        host_value.as_ref(),
+    );
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let body = BodySlot::new(body);
+    let idempotent = matches!(
+        parts.method,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::PUT
+            | http::Method::DELETE
+    ) && !upgrade;
+
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let now = shared.clock.now_ms();
+        let choice = choose(shared, pool, match_id.as_deref(), sticky.as_deref(), now)?;
+        let upstream = choice.upstream;
+        let guard = ConnGuard::new(upstream.state.clone());
+        upstream.state.requests.fetch_add(1, Relaxed);
+
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(upstream.address.clone())
+            .path_and_query(path.clone())
+            .build()
+            .map_err(|_| ProxyError::BadRequest("unusable request target"))?;
+        let mut up_req = Request::new(body.body());
+        *up_req.method_mut() = parts.method.clone();
+        *up_req.uri_mut() = uri;
+        *up_req.version_mut() = Version::HTTP_11;
+        *up_req.headers_mut() = parts.headers.clone();
+
+        let started = Instant::now();
+        let result = if upgrade {
+            send_upgrade(shared, rt, up_req, upstream).await
+        } else {
+            send(shared, rt, up_req, upstream).await
+        };
+        let now = shared.clock.now_ms();
+        let resp = match result {
+            Ok(resp) => resp,
+            Err(e) => {
+                let passive = &pool.cfg.passive;
+                if e.retryable() {
+                    upstream.state.record_connect_failure(passive, now);
+                } else {
+                    upstream.state.record_upstream_error(passive, now);
+                }
+                drop(choice.lease);
+                // connect failures never reached the server; an idempotent
+                // request without a body may also be repeated after a reset
+                let repeatable = e.retryable()
+                    || (matches!(e, ProxyError::Upstream { .. }) && idempotent && body.is_empty());
+                if repeatable && attempt <= settings.retries && body.intact() {
+                    tracing::warn!(server = %upstream.state.id, error = %e, attempt, "retrying on another server");
+                    continue;
+                }
+                return Err(e);
+            }
+        };
+        upstream.state.record_response(
+            resp.status().as_u16(),
+            started.elapsed().as_micros() as u64,
+            &pool.cfg.passive,
+            now,
+        );
+
+        let mut resp = resp;
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let server_side = switching.then(|| hyper::upgrade::on(&mut resp));
+        let (mut head, incoming) = resp.into_parts();
+        if let Some(server_side) = server_side {
+            let Some(client_side) = on_upgrade.take() else {
+                return Err(ProxyError::Upstream {
+                    server: upstream.state.id.to_string(),
+                    reason: "101 to a request that asked for no upgrade".into(),
+                });
+            };
+            spawn_tunnel(
+                shared,
+                rt,
+                client_side,
+                server_side,
+                guard,
+                choice.lease,
+                websocket,
+            );
+            headers::strip_hop_by_hop(&mut head.headers, true);
+            head.headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            return Ok(Response::from_parts(head, ProxyBody::empty()));
+        }
+        headers::strip_hop_by_hop(&mut head.headers, false);
+        if choice.set_cookie {
+            if let Some(name) = &pool.cfg.sticky_cookie {
+                let v = format!(
+                    "{name}={}; Path=/; HttpOnly; SameSite=Lax",
+                    upstream.state.id
+                );
+                if let Ok(v) = HeaderValue::from_str(&v) {
+                    head.headers.append(header::SET_COOKIE, v);
+                }
+            }
+        }
+        let body = ProxyBody::Upstream {
+            body: incoming,
+            guard: Some(guard),
+            lease: choice.lease,
+        };
+        return Ok(Response::from_parts(head, body));
+    }
+}
+
+/// A plain HTTP exchange over the keep-alive pool.
+async fn send(
+    shared: &Shared,
+    rt: &Runtime,
+    req: Request<UpstreamBody>,
+    upstream: &Upstream,
+) -> Result<Response<Incoming>, ProxyError> {
+    let timeout = rt.config.proxy.upstream_timeout;
+    match tokio::time::timeout(timeout, shared.client.request(req)).await {
+        Err(_) => Err(ProxyError::Timeout {
+            server: upstream.state.id.to_string(),
+            timeout,
+        }),
+        Ok(Err(e)) if e.is_connect() => Err(ProxyError::Connect {
+            server: upstream.state.id.to_string(),
+            reason: error_chain(&e),
+        }),
+        Ok(Err(e)) => Err(ProxyError::Upstream {
+            server: upstream.state.id.to_string(),
+            reason: error_chain(&e),
+        }),
+        Ok(Ok(resp)) => Ok(resp),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// An upgrade request goes over a connection of its own, which becomes the
+/// tunnel's server side if the server answers 101.
+async fn send_upgrade(
+    shared: &Shared,
+    rt: &Runtime,
+    req: Request<UpstreamBody>,
+    upstream: &Upstream,
+) -> Result<Response<Incoming>, ProxyError> {
+    let _ = shared;
+    let settings = &rt.config.proxy;
+    let server = || upstream.state.id.to_string();
+    let stream = match tokio::time::timeout(
+        settings.connect_timeout,
+        TcpStream::connect(upstream.address.as_str()),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return Err(ProxyError::Connect {
+                server: server(),
+                reason: e.to_string(),
+            })
+        }
+        Err(_) => {
+            return Err(ProxyError::Connect {
+                server: server(),
+                reason: "connect timed out".into(),
+            })
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake::<_, UpstreamBody>(TokioIo::new(stream))
+        .await
+        .map_err(|e| ProxyError::Upstream {
+            server: server(),
+            reason: e.to_string(),
+        })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upgrade connection to server ended");
+        }
+    });
+    match tokio::time::timeout(settings.upstream_timeout, sender.send_request(req)).await {
+        Err(_) => Err(ProxyError::Timeout {
+            server: server(),
+            timeout: settings.upstream_timeout,
+        }),
+        Ok(Err(e)) => Err(ProxyError::Upstream {
+            server: server(),
+            reason: error_chain(&e),
+        }),
+        Ok(Ok(resp)) => Ok(resp),
+    }
+}
+
+fn spawn_tunnel(
+    shared: &Shared,
+    rt: &Runtime,
+    client: hyper::upgrade::OnUpgrade,
+    server: hyper::upgrade::OnUpgrade,
+    mut guard: ConnGuard,
+    lease: Option<MatchLease>,
+    websocket: bool,
+) {
+    guard.mark_websocket();
+    let counters = shared.counters.clone();
+    counters.websockets_total.fetch_add(1, Relaxed);
+    counters.websockets_active.fetch_add(1, Relaxed);
+    let opts = tunnel::Options {
+        idle_timeout: rt.config.proxy.tunnel_idle_timeout,
+        websocket,
+    };
+    let close = shared.close_tunnels.clone();
+    shared.tunnels.spawn(async move {
+        let _lease = lease;
+        let server_id = guard.server().id.clone();
+        match tokio::join!(client, server) {
+            (Ok(c), Ok(s)) => {
+                match (c.downcast::<TokioIo<TcpStream>>(), s.downcast::<TokioIo<TcpStream>>()) {
+                    (Ok(c), Ok(s)) => {
+                        let sum = tunnel::run(c.io.into_inner(), &c.read_buf, s.io.into_inner(), &s.read_buf, opts, close).await;
+                        counters.ws_messages.fetch_add(sum.messages_up + sum.messages_down, Relaxed);
+                        tracing::debug!(server = %server_id, end = ?sum.end, up = sum.bytes_up, down = sum.bytes_down, "tunnel closed");
+                    }
+                    _ => tracing::error!(server = %server_id, "upgraded connection is not a TCP stream; closing"),
+                }
+            }
+            (c, s) => {
+                if let Err(e) = c.and(s) {
+                    tracing::debug!(server = %server_id, error = %e, "upgrade did not complete");
+                }
+            }
+        }
+        counters.websockets_active.fetch_sub(1, Relaxed);
+        drop(guard);
+    });
+}

@@ -1,0 +1,146 @@
+//! Client-facing listeners: accept (errors are logged and backed off, never
+//! fatal), tell HTTP/2 prior knowledge from HTTP/1.1 by its preface, and serve
+//! the connection with the timeouts and limits of `[proxy]`.
+
+use crate::app::{ConnCtx, Shared};
+use crate::forward;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Binds with SO_REUSEADDR and a deep backlog.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+pub async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    conns: TaskTracker,
+) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                let _ = stream.set_nodelay(true);
+                let ctx = Arc::new(ConnCtx {
+                    shared: shared.clone(),
+                    peer,
+                    scheme: "http",
+                });
+                conns.spawn(serve(stream, ctx, stop.clone()));
+            }
+            Err(e) => {
+                // EMFILE and friends: wait and try again, never give up the listener
+                tracing::warn!(error = %e, ?backoff, "accept failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Waits (within the header timeout) until the first bytes tell HTTP/2 from HTTP/1.
+async fn is_h2(stream: &TcpStream) -> std::io::Result<Option<bool>> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if buf[..n] != H2_PREFACE[..n] {
+            return Ok(Some(false));
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(Some(true));
+        }
+        // a partial preface: wait for more instead of spinning on peek
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, stop: CancellationToken) {
+    let counters = ctx.shared.counters.clone();
+    counters.connections_total.fetch_add(1, Relaxed);
+    counters.connections_active.fetch_add(1, Relaxed);
+    serve_inner(stream, ctx, stop).await;
+    counters.connections_active.fetch_sub(1, Relaxed);
+}
+
+async fn serve_inner(stream: TcpStream, ctx: Arc<ConnCtx>, stop: CancellationToken) {
+    let settings = ctx.shared.runtime.load().config.proxy.clone();
+    let h2 = match tokio::time::timeout(settings.header_read_timeout, is_h2(&stream)).await {
+        Ok(Ok(Some(h2))) => h2,
+        Ok(Ok(None)) | Ok(Err(_)) => return,
+        Err(_) => {
+            tracing::debug!(peer = %ctx.peer, "no request within the header timeout");
+            return;
+        }
+    };
+    let peer = ctx.peer;
+    let svc = service_fn(move |req| forward::handle(req, ctx.clone()));
+    let io = TokioIo::new(stream);
+    if h2 {
+        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .max_header_list_size(settings.max_header_bytes as u32)
+            .keep_alive_interval(Some(settings.idle_timeout / 2))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let conn = b.serve_connection(io, svc);
+        tokio::pin!(conn);
+        let r = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = stop.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = r {
+            tracing::debug!(%peer, error = %e, "h2 connection ended with an error");
+        }
+    } else {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(settings.header_read_timeout)
+            .max_buf_size(settings.max_header_bytes)
+            .keep_alive(true);
+        let conn = b.serve_connection(io, svc).with_upgrades();
+        tokio::pin!(conn);
+        let r = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = stop.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = r {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! A small match server: what a KP5 match server looks like to the proxy.
+//!
+//! - `GET /health` → 200 (503 after [`DemoServer::set_healthy`]`(false)`)
+//! - `GET /stats` → `{"server","connections","websockets"}`
+//! - any WebSocket upgrade → echo; a text `close:CODE:REASON` makes the
+//!   server close with that code and reason
+//! - `/status/NNN` → that status
+//! - `/slow/MS` → answers after MS milliseconds
+//! - anything else → `x-server` header, and the request body streamed back
+//!   (or, for an empty body, a JSON description of the request)
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{header, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+#[derive(Debug, Default)]
+pub struct DemoStats {
+    pub requests: AtomicU64,
+    pub websockets: AtomicU64,
+    pub websockets_total: AtomicU64,
+    pub ws_messages: AtomicU64,
+}
+
+/// A running demo match server.
+pub struct DemoServer {
+    pub id: String,
+    pub addr: SocketAddr,
+    pub stats: Arc<DemoStats>,
+    healthy: Arc<AtomicBool>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl DemoServer {
+    /// Starts on `addr` (port 0 for any).
+    pub async fn start(id: &str, addr: SocketAddr) -> std::io::Result<DemoServer> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        let listener = TcpListener::from_std(socket.into())?;
+        let addr = listener.local_addr()?;
+        let stats = Arc::new(DemoStats::default());
+        let healthy = Arc::new(AtomicBool::new(true));
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let ctx = Arc::new(Ctx {
+            id: id.to_owned(),
+            stats: stats.clone(),
+            healthy: healthy.clone(),
+        });
+        let (t2, s2) = (tasks.clone(), stop.clone());
+        tasks.spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(a) => a, Err(_) => continue },
+                    _ = s2.cancelled() => return,
+                };
+                let _ = stream.set_nodelay(true);
+                let ctx = ctx.clone();
+                let s3 = s2.clone();
+                let t3 = t2.clone();
+                t2.spawn(async move {
+                    let s4 = s3.clone();
+                    let svc =
+                        service_fn(move |req| handle(req, ctx.clone(), t3.clone(), s4.clone()));
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = s3.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Ok(DemoServer {
+            id: id.to_owned(),
+            addr,
+            stats,
+            healthy,
+            stop,
+            tasks,
+        })
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Relaxed);
+    }
+
+    /// Kills the server: the listener closes and every connection drops at once.
+    pub async fn kill(self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+impl Drop for DemoServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+struct Ctx {
+    id: String,
+    stats: Arc<DemoStats>,
+    healthy: Arc<AtomicBool>,
+}
+
+fn full(
+    status: StatusCode,
+    ctype: &'static str,
+    body: impl Into<Bytes>,
+    id: &str,
+) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(ctype),
+    );
+    if let Ok(v) = header::HeaderValue::from_str(id) {
+        r.headers_mut().insert("x-server", v);
+    }
+    r
+}
+
+async fn handle(
+    mut req: Request<Incoming>,
+    ctx: Arc<Ctx>,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+) -> Result<Response<Body>, hyper::Error> {
+    ctx.stats.requests.fetch_add(1, Relaxed);
+    let path = req.uri().path().to_owned();
+    if path == "/health" {
+        let ok = ctx.healthy.load(Relaxed);
+        let status = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        return Ok(full(
+            status,
+            "application/json",
+            format!("{{\"healthy\":{ok}}}"),
+            &ctx.id,
+        ));
+    }
+    if path == "/stats" {
+        let body = serde_json::json!({
+            "server": ctx.id,
+            "connections": ctx.stats.websockets.load(Relaxed),
+            "websockets": ctx.stats.websockets.load(Relaxed),
+            "requests": ctx.stats.requests.load(Relaxed),
+        });
+        return Ok(full(
+            StatusCode::OK,
+            "application/json",
+            body.to_string(),
+            &ctx.id,
+        ));
+    }
+    if let Some(key) = req.headers().get("sec-websocket-key").cloned() {
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let stats = ctx.stats.clone();
+        tasks.spawn(async move {
+            let Ok(upgraded) = on_upgrade.await else {
+                return;
+            };
+            let ws =
+                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            stats.websockets.fetch_add(1, Relaxed);
+            stats.websockets_total.fetch_add(1, Relaxed);
+            tokio::select! {
+                _ = echo(ws, &stats) => {}
+                _ = stop.cancelled() => {}
+            }
+            stats.websockets.fetch_sub(1, Relaxed);
+        });
+        let mut r = full(
+            StatusCode::SWITCHING_PROTOCOLS,
+            "text/plain",
+            Bytes::new(),
+            &ctx.id,
+        );
+        r.headers_mut().remove(header::CONTENT_TYPE);
+        let h = r.headers_mut();
+        h.insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("Upgrade"),
+        );
+        h.insert(
+            header::UPGRADE,
+            header::HeaderValue::from_static("websocket"),
+        );
+        h.insert(
+            "sec-websocket-accept",
+            header::HeaderValue::from_str(&accept).expect("base64"),
+        );
+        return Ok(r);
+    }
+    if let Some(code) = path
+        .strip_prefix("/status/")
+        .and_then(|c| c.parse::<u16>().ok())
+    {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST);
+        return Ok(full(
+            status,
+            "text/plain",
+            format!("status {code}\n"),
+            &ctx.id,
+        ));
+    }
+    if let Some(ms) = path
+        .strip_prefix("/slow/")
+        .and_then(|c| c.parse::<u64>().ok())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        return Ok(full(StatusCode::OK, "text/plain", "slow\n", &ctx.id));
+    }
+    let has_body = !http_body::Body::is_end_stream(req.body());
+    if has_body {
+        // stream the body straight back: never buffered whole
+        let ctype = req.headers().get(header::CONTENT_TYPE).cloned();
+        let mut r = Response::new(req.into_body().boxed());
+        if let Ok(v) = header::HeaderValue::from_str(&ctx.id) {
+            r.headers_mut().insert("x-server", v);
+        }
+        if let Some(c) = ctype {
+            r.headers_mut().insert(header::CONTENT_TYPE, c);
+        }
+        return Ok(r);
+    }
+    let headers: serde_json::Map<String, serde_json::Value> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                serde_json::Value::String(v.to_str().unwrap_or("").to_owned()),
+            )
+        })
+        .collect();
+    let body = serde_json::json!({
+        "server": ctx.id,
+        "method": req.method().as_str(),
+        "uri": req.uri().to_string(),
+        "version": format!("{:?}", req.version()),
+        "headers": headers,
+    });
+    Ok(full(
+        StatusCode::OK,
+        "application/json",
+        body.to_string(),
+        &ctx.id,
+    ))
+}
+
+async fn echo<S>(mut ws: WebSocketStream<S>, stats: &DemoStats)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    while let Some(msg) = ws.next().await {
+        let Ok(msg) = msg else { return };
+        stats.ws_messages.fetch_add(1, Relaxed);
+        match msg {
+            Message::Text(t) => {
+                if let Some(rest) = t.as_str().strip_prefix("close:") {
+                    let (code, reason) = rest.split_once(':').unwrap_or((rest, ""));
+                    let code: u16 = code.parse().unwrap_or(1000);
+                    let frame = CloseFrame {
+                        code: CloseCode::from(code),
+                        reason: reason.to_owned().into(),
+                    };
+                    let _ = ws.close(Some(frame)).await;
+                    // wait for the peer's close reply
+                    while let Some(Ok(_)) = ws.next().await {}
+                    return;
+                }
+                if ws.send(Message::Text(t)).await.is_err() {
+                    return;
+                }
+            }
+            Message::Binary(b) => {
+                if ws.send(Message::Binary(b)).await.is_err() {
+                    return;
+                }
+            }
+            Message::Close(_) => {
+                // tungstenite answers the close with the same code
+                let _ = ws.flush().await;
+                while let Some(Ok(_)) = ws.next().await {}
+                return;
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! HTTP through the proxy: streaming, keep-alive, strategies, failures, limits.
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::TokioIo;
+use kp5_tests::support::*;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Acceptance 1: GET and POST to two backends, 10 MiB streamed each way with
+/// chunked encoding over one keep-alive connection; round_robin alternates exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_post_streaming_keepalive_and_round_robin() {
+    let b = backends(2).await;
+    let proxy = start_proxy(&config(&servers_of(&b), "strategy = \"round_robin\"", "")).await;
+    let addr = proxy.listen[0];
+
+    // one client connection, many requests: keep-alive
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake::<
+        _,
+        http_body_util::combinators::BoxBody<Bytes, std::io::Error>,
+    >(TokioIo::new(stream))
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+
+    let mut order = Vec::new();
+    for i in 0..10 {
+        send.ready().await.unwrap();
+        let req = http::Request::get(format!("/get/{i}?x=1"))
+            .header("host", "play.example:8080")
+            .header("connection", "keep-alive, x-hop")
+            .header("x-hop", "secret")
+            .body(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        order.push(v["server"].as_str().unwrap().to_owned());
+        let h = &v["headers"];
+        assert_eq!(h["host"], "play.example:8080", "Host is kept");
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "play.example:8080");
+        assert_eq!(
+            h["forwarded"],
+            "for=127.0.0.1;proto=http;host=\"play.example:8080\""
+        );
+        assert!(
+            h.get("x-hop").is_none(),
+            "headers named by Connection are removed"
+        );
+        assert_eq!(v["uri"], format!("/get/{i}?x=1"));
+    }
+    let first = order[0].clone();
+    for (i, s) in order.iter().enumerate() {
+        assert_eq!(
+            *s == first,
+            i % 2 == 0,
+            "round_robin alternates exactly: {order:?}"
+        );
+    }
+
+    // 10 MiB up and down, chunked, on the same connection
+    for _ in 0..2 {
+        let chunk = Bytes::from(vec![7u8; 64 * 1024]);
+        let chunks = futures_util::stream::iter(
+            (0..160).map(move |_| Ok::<_, std::io::Error>(Frame::data(chunk.clone()))),
+        );
+        send.ready().await.unwrap();
+        let req = http::Request::post("/echo")
+            .header("host", "play.example")
+            .body(BodyExt::boxed(StreamBody::new(chunks)))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["transfer-encoding"], "chunked");
+        let mut body = resp.into_body().into_data_stream();
+        let mut total = 0usize;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.unwrap();
+            assert!(chunk.iter().all(|&b| b == 7));
+            total += chunk.len();
+        }
+        assert_eq!(total, 10 * 1024 * 1024);
+    }
+    assert_eq!(
+        proxy.shared.counters.connections_total.load(Relaxed),
+        1,
+        "one keep-alive client connection"
+    );
+    let stats = lb_stats(&client(), &proxy).await;
+    assert_eq!(per_server(&stats, "requests").values().sum::<u64>(), 12);
+    assert_eq!(
+        per_server(&stats, "requests")
+            .values()
+            .copied()
+            .collect::<Vec<_>>(),
+        [6, 6]
+    );
+}
+
+/// Acceptance 5: weights 3 and 1 send 75% ± 3% of 4,000 requests to the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_three_to_one() {
+    let b = backends(2).await;
+    let servers = [
+        (b[0].id.as_str(), b[0].addr, 3),
+        (b[1].id.as_str(), b[1].addr, 1),
+    ];
+    let proxy = start_proxy(&config(&servers, "strategy = \"weighted\"", "")).await;
+    let url = format!("http://{}/w", proxy.listen[0]);
+    let c = client();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (c, url) = (c.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut first = 0;
+            for _ in 0..500 {
+                let g = get(&c, &url).await;
+                assert_eq!(g.status, 200);
+                if g.server() == "s1" {
+                    first += 1;
+                }
+            }
+            first
+        }));
+    }
+    let mut first = 0;
+    for t in tasks {
+        first += t.await.unwrap();
+    }
+    let share = first as f64 / 4000.0;
+    assert!((0.72..=0.78).contains(&share), "s1 got {share:.3} of 4000");
+}
+
+/// Acceptance 7: a backend killed during a stream of requests; no idempotent
+/// request fails, it leaves rotation at once, and returns when it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_backend_is_retried_ejected_and_readmitted() {
+    let mut b = backends(2).await;
+    let pool = r#"strategy = "round_robin"
+health_check = { path = "/health", interval_ms = 300, timeout_ms = 200, healthy_threshold = 1, unhealthy_threshold = 1 }
+passive = { slow_start_ms = 0 }"#;
+    let proxy = start_proxy(&config(&servers_of(&b), pool, "")).await;
+    let url = format!("http://{}/x", proxy.listen[0]);
+    let c = client();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let g = get(&c, &url).await;
+        assert_eq!(g.status, 200);
+        seen.insert(g.server());
+    }
+    assert_eq!(seen.len(), 2);
+
+    let s2 = b.pop().unwrap();
+    let s2_addr = s2.addr;
+    s2.kill().await;
+    let killed_at = std::time::Instant::now();
+    for i in 0..60 {
+        let g = get(&c, &url).await;
+        assert_eq!(
+            g.status, 200,
+            "request {i} after the kill failed: {:?}",
+            g.body
+        );
+        assert_eq!(g.server(), "s1");
+    }
+    // out of rotation within one health interval (passive ejection is immediate)
+    wait_until(Duration::from_millis(300), "s2 marked down", || {
+        let c = c.clone();
+        let proxy = &proxy;
+        async move { lb_stats(&c, proxy).await["pools"][0]["servers"][1]["health"] != "healthy" }
+    })
+    .await;
+    assert!(killed_at.elapsed() < Duration::from_secs(5));
+
+    // back on the same address: active checks readmit it
+    let revived = kp5_tests::demo::DemoServer::start("s2", s2_addr)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(3), "s2 back in rotation", || {
+        let (c, url) = (c.clone(), url.clone());
+        async move { get(&c, &url).await.server() == "s2" }
+    })
+    .await;
+    drop(revived);
+}
+
+/// Acceptance 8: every server full → 503 with Retry-After.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_servers_full_is_503_with_retry_after() {
+    let b = backends(2).await;
+    let proxy = start_proxy(&config(
+        &servers_of(&b),
+        "max_connections_per_server = 1",
+        "",
+    ))
+    .await;
+    let (_w1, s1) = ws(&format!("ws://{}/a", proxy.listen[0])).await;
+    let (_w2, s2) = ws(&format!("ws://{}/b", proxy.listen[0])).await;
+    assert_ne!(s1, s2, "one connection per server");
+    let c = client();
+    let g = get(&c, &format!("http://{}/c", proxy.listen[0])).await;
+    assert_eq!(g.status, 503);
+    assert_eq!(g.headers["retry-after"], "1");
+    assert!(g.json()["error"].as_str().unwrap().contains("no server"));
+    let m = get(&c, &format!("http://{}/metrics", proxy.admin)).await;
+    let text = String::from_utf8_lossy(&m.body);
+    assert!(text.contains("kp5_no_server_total 1"), "{text}");
+}
+
+async fn read_all(s: &mut TcpStream, within: Duration) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match tokio::time::timeout(within, s.read(&mut buf)).await {
+            Ok(Ok(0)) => break true,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Ok(Err(_)) => break true,
+            Err(_) => break false,
+        }
+    };
+    (out, closed)
+}
+
+/// Acceptance 9: slowloris is cut at the header timeout, a 64 KiB header is
+/// 431, a garbage request line is 400, and the proxy keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_clients_get_clear_errors() {
+    let b = backends(1).await;
+    let proxy = start_proxy(&config(
+        &servers_of(&b),
+        "",
+        "header_read_timeout_ms = 1000",
+    ))
+    .await;
+    let addr = proxy.listen[0];
+
+    // one byte a second
+    let start = std::time::Instant::now();
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    let mut cut = false;
+    for b in b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: 1234567890\r\n\r\n" {
+        if slow.write_all(&[*b]).await.is_err() {
+            cut = true;
+            break;
+        }
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_secs(1), slow.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                cut = true;
+                break;
+            }
+            Ok(Ok(n)) => {
+                let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+                cut = true;
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(cut, "trickled headers were never cut");
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(4), "cut after {took:?}");
+
+    // 64 KiB header
+    let mut big = TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let _ = big.write_all(req.as_bytes()).await;
+    let (resp, _) = read_all(&mut big, Duration::from_secs(3)).await;
+    let text = String::from_utf8_lossy(&resp);
+    assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+
+    // garbage
+    let mut junk = TcpStream::connect(addr).await.unwrap();
+    junk.write_all(b"\x01\x02 NOT HTTP AT ALL\r\n\r\n")
+        .await
+        .unwrap();
+    let (resp, _) = read_all(&mut junk, Duration::from_secs(3)).await;
+    let text = String::from_utf8_lossy(&resp);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+
+    // still serving
+    let g = get(&client(), &format!("http://{addr}/ok")).await;
+    assert_eq!(g.status, 200);
+}
+
+/// Cleartext HTTP/2 with prior knowledge reaches an HTTP/1.1 backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_prior_knowledge_to_http1_backend() {
+    let b = backends(1).await;
+    let proxy = start_proxy(&config(&servers_of(&b), "", "")).await;
+    let c: HttpClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let g = get(&c, &format!("http://{}/h2", proxy.listen[0])).await;
+    assert_eq!(g.status, 200);
+    let v = g.json();
+    assert_eq!(v["version"], "HTTP/1.1");
+    assert_eq!(v["headers"]["host"], proxy.listen[0].to_string());
+}
+
+/// Acceptance 11: `--check` names the bad field and exits non-zero.
+#[test]
+fn check_names_the_bad_field() {
+    let dir = std::env::temp_dir().join(format!("kp5-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        config(
+            &[("a", "127.0.0.1:1".parse().unwrap(), 1)],
+            "strategy = \"fastest\"",
+            "",
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(proxy_bin())
+        .arg("--config")
+        .arg(&bad)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("pools.p.strategy") && err.contains("fastest"),
+        "{err}"
+    );
+
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        config(&[("a", "127.0.0.1:1".parse().unwrap(), 1)], "", ""),
+    )
+    .unwrap();
+    let out = std::process::Command::new(proxy_bin())
+        .arg("--config")
+        .arg(&good)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let syntax = dir.join("syntax.toml");
+    std::fs::write(&syntax, "[proxy\nlisten = 1").unwrap();
+    let out = std::process::Command::new(proxy_bin())
+        .arg("--config")
+        .arg(&syntax)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 1"));
+    std::fs::remove_dir_all(&dir).ok();
+}
