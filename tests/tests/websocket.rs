@@ -215,3 +215,34 @@ async fn sigterm_closes_websockets_with_1001_and_exits_0() {
     assert_eq!(status.code(), Some(0));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Byte-level: the upgrade request reaches the server in origin-form with the
+/// upgrade headers and without the client's hop-by-hop headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_request_bytes_on_the_wire() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let raw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = raw.local_addr().unwrap();
+    let proxy = start_proxy(&config(&[("raw", addr, 1)], "", "")).await;
+    let got = tokio::spawn(async move {
+        let (mut s, _) = raw.accept().await.unwrap();
+        let mut buf = vec![0u8; 8192];
+        let mut n = 0;
+        while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+            n += s.read(&mut buf[n..]).await.unwrap();
+        }
+        s.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    });
+    let mut c = tokio::net::TcpStream::connect(proxy.listen[0]).await.unwrap();
+    c.write_all(b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: play.example\r\nConnection: Upgrade, Keep-Alive\r\nKeep-Alive: 5\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
+    let head = got.await.unwrap();
+    assert!(head.starts_with("GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\n"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("\r\nupgrade: websocket\r\n") && lower.contains("\r\nconnection: upgrade\r\n"), "{head}");
+    assert!(lower.contains("\r\nhost: play.example\r\n"), "{head}");
+    assert!(!lower.contains("keep-alive"), "{head}");
+    let mut resp = vec![0u8; 256];
+    let n = c.read(&mut resp).await.unwrap();
+    assert!(String::from_utf8_lossy(&resp[..n]).starts_with("HTTP/1.1 400"));
+}

@@ -231,7 +231,7 @@ async fn proxy(
 
         let started = Instant::now();
         let result = if upgrade {
-            send_upgrade(shared, rt, up_req, upstream).await
+            send_upgrade(rt, up_req, upstream).await
         } else {
             send(shared, rt, up_req, upstream).await
         };
@@ -349,12 +349,13 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// An upgrade request goes over a connection of its own, which becomes the
 /// tunnel's server side if the server answers 101.
 async fn send_upgrade(
-    shared: &Shared,
     rt: &Runtime,
-    req: Request<UpstreamBody>,
+    mut req: Request<UpstreamBody>,
     upstream: &Upstream,
 ) -> Result<Response<Incoming>, ProxyError> {
-    let _ = shared;
+    // a direct connection speaks origin-form: "GET /path HTTP/1.1"
+    let origin = req.uri().path_and_query().cloned().map(Uri::from).unwrap_or_else(|| Uri::from_static("/"));
+    *req.uri_mut() = origin;
     let settings = &rt.config.proxy;
     let server = || upstream.state.id.to_string();
     let stream = match tokio::time::timeout(
