@@ -291,7 +291,7 @@ where
     while let Some(msg) = ws.next().await {
         let Ok(msg) = msg else { return };
         stats.ws_messages.fetch_add(1, Relaxed);
-        match msg {
+        let reply = match msg {
             Message::Text(t) => {
                 if let Some(rest) = t.as_str().strip_prefix("close:") {
                     let (code, reason) = rest.split_once(':').unwrap_or((rest, ""));
@@ -305,22 +305,19 @@ where
                     while let Some(Ok(_)) = ws.next().await {}
                     return;
                 }
-                if ws.send(Message::Text(t)).await.is_err() {
-                    return;
-                }
+                Message::Text(t)
             }
-            Message::Binary(b) => {
-                if ws.send(Message::Binary(b)).await.is_err() {
-                    return;
-                }
-            }
+            Message::Binary(b) => Message::Binary(b),
             Message::Close(_) => {
                 // tungstenite answers the close with the same code
                 let _ = ws.flush().await;
                 while let Some(Ok(_)) = ws.next().await {}
                 return;
             }
-            _ => {}
+            _ => continue,
+        };
+        if ws.send(reply).await.is_err() {
+            return;
         }
     }
 }

@@ -40,7 +40,10 @@ async fn socketio_default_transports_across_two_servers() {
     let (p1, p2) = (free_port(), free_port());
     let _s1 = socketio_server(p1, "io-1").await;
     let _s2 = socketio_server(p2, "io-2").await;
-    let servers = [("io-1", format!("127.0.0.1:{p1}").parse().unwrap(), 1), ("io-2", format!("127.0.0.1:{p2}").parse().unwrap(), 1)];
+    let servers = [
+        ("io-1", format!("127.0.0.1:{p1}").parse().unwrap(), 1),
+        ("io-2", format!("127.0.0.1:{p2}").parse().unwrap(), 1),
+    ];
     let pool = r#"strategy = "least_connections"
 sticky_cookie = "kp5_srv"
 match_id = [{ from = "query", name = "matchId" }]"#;
@@ -52,21 +55,41 @@ match_id = [{ from = "query", name = "matchId" }]"#;
         .args(["40", "8", "20"])
         .kill_on_drop(true)
         .output();
-    let out = tokio::time::timeout(Duration::from_secs(90), out).await.expect("clients finish").unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(90), out)
+        .await
+        .expect("clients finish")
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let r: serde_json::Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("client output ({e}): {stdout}\n{}", String::from_utf8_lossy(&out.stderr)));
+    let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "client output ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
     assert_eq!(r["why"], "done", "{r}");
     assert_eq!(r["errors"].as_array().unwrap().len(), 0, "{r}");
     assert_eq!(r["connected"], 60, "{r}");
     assert_eq!(r["upgraded"], 60, "every client upgrades: {r}");
-    assert_eq!(r["received"], r["expected"], "every room message arrives: {r}");
+    assert_eq!(
+        r["received"], r["expected"],
+        "every room message arrives: {r}"
+    );
     assert_eq!(r["expected"], 200, "{r}");
     assert_eq!(r["echoes"], 20, "lobby sessions stay on their server: {r}");
     let per = r["servers"].as_object().unwrap();
-    assert!(per.get("io-1").and_then(|v| v.as_u64()).unwrap_or(0) > 0, "{r}");
-    assert!(per.get("io-2").and_then(|v| v.as_u64()).unwrap_or(0) > 0, "{r}");
+    assert!(
+        per.get("io-1").and_then(|v| v.as_u64()).unwrap_or(0) > 0,
+        "{r}"
+    );
+    assert!(
+        per.get("io-2").and_then(|v| v.as_u64()).unwrap_or(0) > 0,
+        "{r}"
+    );
     for (room, servers) in r["roomServers"].as_object().unwrap() {
-        assert_eq!(servers.as_array().unwrap().len(), 1, "room {room} spans servers: {r}");
+        assert_eq!(
+            servers.as_array().unwrap().len(),
+            1,
+            "room {room} spans servers: {r}"
+        );
     }
 }

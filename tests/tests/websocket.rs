@@ -36,7 +36,12 @@ async fn websocket_relay_and_close_codes() {
     assert_eq!(next(&mut ws).await, Message::Pong("p1".into()));
 
     // client closes with a code and reason: the server echoes them back
-    ws.send(Message::Close(Some(CloseFrame { code: CloseCode::Library(4000), reason: "client bye".into() }))).await.unwrap();
+    ws.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::Library(4000),
+        reason: "client bye".into(),
+    })))
+    .await
+    .unwrap();
     match next(&mut ws).await {
         Message::Close(Some(f)) => {
             assert_eq!(u16::from(f.code), 4000);
@@ -51,7 +56,9 @@ async fn websocket_relay_and_close_codes() {
 
     // server closes with its own code and reason
     let (mut ws, _) = kp5_tests::support::ws(&url).await;
-    ws.send(Message::text("close:4001:server bye")).await.unwrap();
+    ws.send(Message::text("close:4001:server bye"))
+        .await
+        .unwrap();
     match next(&mut ws).await {
         Message::Close(Some(f)) => {
             assert_eq!(u16::from(f.code), 4001);
@@ -62,10 +69,14 @@ async fn websocket_relay_and_close_codes() {
     assert!(ws.next().await.is_none());
     drop(ws);
     let c = client();
-    wait_until(Duration::from_secs(3), "tunnels closed and counted down", || {
-        let (c, p) = (c.clone(), &proxy);
-        async move { per_server(&lb_stats(&c, p).await, "websockets")["s1"] == 0 }
-    })
+    wait_until(
+        Duration::from_secs(3),
+        "tunnels closed and counted down",
+        || {
+            let (c, p) = (c.clone(), &proxy);
+            async move { per_server(&lb_stats(&c, p).await, "websockets")["s1"] == 0 }
+        },
+    )
     .await;
 }
 
@@ -75,7 +86,12 @@ async fn least_connections_counts_open_websockets() {
     let b = backends(2).await;
     let servers = servers_of(&b);
     // only A at first, so the first 30 certainly land there
-    let proxy = start_proxy(&config(&servers[..1], "strategy = \"least_connections\"", "")).await;
+    let proxy = start_proxy(&config(
+        &servers[..1],
+        "strategy = \"least_connections\"",
+        "",
+    ))
+    .await;
     let url = format!("ws://{}/lobby", proxy.listen[0]);
     let mut held = Vec::new();
     for _ in 0..30 {
@@ -84,14 +100,23 @@ async fn least_connections_counts_open_websockets() {
         held.push(ws);
     }
     // B joins (same live state: A's 30 stay counted)
-    proxy.reload(kp5_proxy::Config::from_toml(&config(&servers, "strategy = \"least_connections\"", ""), &kp5_shared::MapEnv::new()).unwrap());
+    proxy.reload(
+        kp5_proxy::Config::from_toml(
+            &config(&servers, "strategy = \"least_connections\"", ""),
+            &kp5_shared::MapEnv::new(),
+        )
+        .unwrap(),
+    );
     for i in 0..30 {
         let (ws, s) = ws(&url).await;
         assert_eq!(s, "s2", "connection {i} of the next 30 went to {s}");
         held.push(ws);
     }
     let stats = lb_stats(&client(), &proxy).await;
-    assert_eq!(per_server(&stats, "websockets"), BTreeMap::from([("s1".into(), 30), ("s2".into(), 30)]));
+    assert_eq!(
+        per_server(&stats, "websockets"),
+        BTreeMap::from([("s1".into(), 30), ("s2".into(), 30)])
+    );
 }
 
 /// Acceptance 4: least_matches spreads 20 matches 10/10 and every connection
@@ -115,7 +140,11 @@ match_id = [{ from = "path", pattern = "/matches/{id}" }, { from = "query", name
         *acc.entry(s.clone()).or_default() += 1;
         acc
     });
-    assert_eq!(per, BTreeMap::from([("s1".into(), 10), ("s2".into(), 10)]), "{owner:?}");
+    assert_eq!(
+        per,
+        BTreeMap::from([("s1".into(), 10), ("s2".into(), 10)]),
+        "{owner:?}"
+    );
     // four more connections per match, by path, by query and by plain HTTP
     let c = client();
     for m in 0..20u32 {
@@ -133,7 +162,10 @@ match_id = [{ from = "path", pattern = "/matches/{id}" }, { from = "query", name
         assert_eq!(g.server(), owner[&m]);
     }
     let stats = lb_stats(&c, &proxy).await;
-    assert_eq!(per_server(&stats, "matches"), BTreeMap::from([("s1".into(), 10), ("s2".into(), 10)]));
+    assert_eq!(
+        per_server(&stats, "matches"),
+        BTreeMap::from([("s1".into(), 10), ("s2".into(), 10)])
+    );
     assert_eq!(per_server(&stats, "websockets").values().sum::<u64>(), 80);
 }
 
@@ -147,11 +179,21 @@ match_id = [{ from = "path", pattern = "/matches/{id}" }]"#;
     let proxy = start_proxy(&config(&servers_of(&b), pool, "")).await;
     let (ws1, _) = ws(&format!("ws://{}/matches/9/ws", proxy.listen[0])).await;
     let c = client();
-    assert_eq!(per_server(&lb_stats(&c, &proxy).await, "matches").values().sum::<u64>(), 1);
+    assert_eq!(
+        per_server(&lb_stats(&c, &proxy).await, "matches")
+            .values()
+            .sum::<u64>(),
+        1
+    );
     drop(ws1);
     wait_until(Duration::from_secs(3), "match ended", || {
         let (c, p) = (c.clone(), &proxy);
-        async move { per_server(&lb_stats(&c, p).await, "matches").values().sum::<u64>() == 0 }
+        async move {
+            per_server(&lb_stats(&c, p).await, "matches")
+                .values()
+                .sum::<u64>()
+                == 0
+        }
     })
     .await;
 }
@@ -163,9 +205,15 @@ async fn sigterm_closes_websockets_with_1001_and_exits_0() {
     let b = backends(2).await;
     let port = free_port();
     let admin = free_port();
-    let cfg = config(&servers_of(&b), "", &format!("drain_timeout_ms = 500"))
-        .replace("listen = [\"127.0.0.1:0\"]", &format!("listen = [\"127.0.0.1:{port}\"]"))
-        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{admin}\""));
+    let cfg = config(&servers_of(&b), "", "drain_timeout_ms = 500")
+        .replace(
+            "listen = [\"127.0.0.1:0\"]",
+            &format!("listen = [\"127.0.0.1:{port}\"]"),
+        )
+        .replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{admin}\""),
+        );
     let dir = std::env::temp_dir().join(format!("kp5-sigterm-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("proxy.toml");
@@ -180,7 +228,9 @@ async fn sigterm_closes_websockets_with_1001_and_exits_0() {
     wait_until(Duration::from_secs(10), "proxy up", || {
         let c = c.clone();
         async move {
-            let req = http::Request::get(format!("http://127.0.0.1:{admin}/healthz")).body(Default::default()).unwrap();
+            let req = http::Request::get(format!("http://127.0.0.1:{admin}/healthz"))
+                .body(Default::default())
+                .unwrap();
             request(&c, req).await.is_ok_and(|g| g.status == 200)
         }
     })
@@ -199,7 +249,11 @@ async fn sigterm_closes_websockets_with_1001_and_exits_0() {
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
     let pid = child.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     assert_eq!(slow.await.unwrap().status, 200);
     let mut codes = BTreeSet::new();
     for mut w in sockets {
@@ -211,7 +265,10 @@ async fn sigterm_closes_websockets_with_1001_and_exits_0() {
         }
     }
     assert_eq!(codes, BTreeSet::from([1001]));
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.unwrap().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(status.code(), Some(0));
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -231,15 +288,26 @@ async fn upgrade_request_bytes_on_the_wire() {
         while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
             n += s.read(&mut buf[n..]).await.unwrap();
         }
-        s.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+        s.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
         String::from_utf8_lossy(&buf[..n]).to_string()
     });
-    let mut c = tokio::net::TcpStream::connect(proxy.listen[0]).await.unwrap();
+    let mut c = tokio::net::TcpStream::connect(proxy.listen[0])
+        .await
+        .unwrap();
     c.write_all(b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: play.example\r\nConnection: Upgrade, Keep-Alive\r\nKeep-Alive: 5\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
     let head = got.await.unwrap();
-    assert!(head.starts_with("GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\n"), "{head}");
+    assert!(
+        head.starts_with("GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\n"),
+        "{head}"
+    );
     let lower = head.to_ascii_lowercase();
-    assert!(lower.contains("\r\nupgrade: websocket\r\n") && lower.contains("\r\nconnection: upgrade\r\n"), "{head}");
+    assert!(
+        lower.contains("\r\nupgrade: websocket\r\n")
+            && lower.contains("\r\nconnection: upgrade\r\n"),
+        "{head}"
+    );
     assert!(lower.contains("\r\nhost: play.example\r\n"), "{head}");
     assert!(!lower.contains("keep-alive"), "{head}");
     let mut resp = vec![0u8; 256];

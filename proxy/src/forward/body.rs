@@ -43,7 +43,7 @@ impl BodySlot {
             slot: self.slot.clone(),
             body: None,
             end: self.end,
-            hint: self.hint.clone(),
+            hint: self.hint,
         }
     }
 
@@ -100,7 +100,7 @@ impl Body for UpstreamBody {
     fn size_hint(&self) -> SizeHint {
         match &self.body {
             Some(b) => b.size_hint(),
-            None => self.hint.clone(),
+            None => self.hint,
         }
     }
 }

@@ -354,7 +354,12 @@ async fn send_upgrade(
     upstream: &Upstream,
 ) -> Result<Response<Incoming>, ProxyError> {
     // a direct connection speaks origin-form: "GET /path HTTP/1.1"
-    let origin = req.uri().path_and_query().cloned().map(Uri::from).unwrap_or_else(|| Uri::from_static("/"));
+    let origin = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .map(Uri::from)
+        .unwrap_or_else(|| Uri::from_static("/"));
     *req.uri_mut() = origin;
     let settings = &rt.config.proxy;
     let server = || upstream.state.id.to_string();

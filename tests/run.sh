@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The README's test command: installs what the tests need (Node.js for the
+# Socket.IO clients and servers), builds every binary, runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+have() { command -v "$1" >/dev/null 2>&1; }
+apt_install() {
+  if [ "$(id -u)" -ne 0 ] || ! have apt-get; then
+    echo "tests/run.sh: please install: $*" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+have node && have npm || apt_install nodejs npm
+(cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
+
+cargo build --workspace --bins --locked
+cargo test --workspace --locked
