@@ -370,3 +370,42 @@ fn check_names_the_bad_field() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("line 1"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The admin API: `/healthz` is open, `/api/*` needs the bearer token (401
+/// with a JSON error otherwise), unknown endpoints are 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_auth_and_errors() {
+    let b = backends(1).await;
+    let proxy = start_proxy(&config(&servers_of(&b), "", "")).await;
+    let c = client();
+    let base = format!("http://{}", proxy.admin);
+    assert_eq!(get(&c, &format!("{base}/healthz")).await.status, 200);
+    let stats = format!("{base}/api/scaling/loadbalancer/stats");
+    let none = get(&c, &stats).await;
+    assert_eq!(none.status, 401);
+    assert_eq!(none.headers["www-authenticate"], "Bearer");
+    assert!(none.json()["error"].as_str().unwrap().contains("token"));
+    let wrong = get_with(&c, &stats, &[("authorization", "Bearer test-tokeN")]).await;
+    assert_eq!(wrong.status, 401);
+    let ok = get_with(&c, &stats, &[("authorization", "Bearer test-token")]).await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.json()["pools"][0]["strategy"], "least_connections");
+    let missing = get_with(
+        &c,
+        &format!("{base}/api/scaling/nope"),
+        &[("authorization", "Bearer test-token")],
+    )
+    .await;
+    assert_eq!(missing.status, 404);
+    let metrics = get(&c, &format!("{base}/metrics")).await;
+    assert_eq!(metrics.status, 200);
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.contains("kp5_upstream_healthy{pool=\"p\",server=\"s1\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE kp5_upstream_response_seconds histogram"),
+        "{text}"
+    );
+}
