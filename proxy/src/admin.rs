@@ -153,7 +153,7 @@ fn stats(shared: &Shared) -> serde_json::Value {
     json!({
         "pools": pools,
         "totals": {
-            "activeConnections": c.connections_active.load(Relaxed),
+            "activeHttpConnections": c.connections_active.load(Relaxed),
             "activeWebsockets": c.websockets_active.load(Relaxed),
             "activeMatches": shared.affinity.len(),
             "noServer": c.no_capacity.load(Relaxed),

@@ -78,7 +78,7 @@ impl prometheus_client::collector::Collector for Collector {
         one(
             &mut enc,
             "kp5_connections_active",
-            "Open client connections (HTTP and upgraded).",
+            "Client connections being served as HTTP (upgraded ones are counted by kp5_websockets_active).",
             MetricType::Gauge,
             c.connections_active.load(Relaxed),
         )?;
