@@ -161,27 +161,33 @@ impl ServerState {
         let class = (status / 100).clamp(1, 5) as usize - 1;
         self.responses[class].fetch_add(1, Relaxed);
         self.latency.observe_us(latency_us);
-        if status >= 500 {
-            let streak = self.error_streak.fetch_add(1, Relaxed) + 1;
-            if policy.consecutive_5xx > 0
-                && streak >= policy.consecutive_5xx
-                && self.ejected_until.load(Relaxed) <= now
-            {
-                self.error_streak.store(0, Relaxed);
-                self.eject(policy, now);
-            }
-        } else {
+        self.note_outcome(status < 500, policy, now);
+    }
+
+    /// An upstream error after connecting (reset, timeout): no response to
+    /// count or time, but it counts toward a burst of errors like a 5xx.
+    pub fn record_upstream_error(&self, policy: &Passive, now: u64) {
+        self.failures.fetch_add(1, Relaxed);
+        self.note_outcome(false, policy, now);
+    }
+
+    /// Consecutive-error accounting shared by responses and upstream errors.
+    fn note_outcome(&self, ok: bool, policy: &Passive, now: u64) {
+        if ok {
             self.error_streak.store(0, Relaxed);
             if self.ejections.load(Relaxed) != 0 && self.ejected_until.load(Relaxed) <= now {
                 self.ejections.store(0, Relaxed);
             }
+            return;
         }
-    }
-
-    /// An upstream error after connecting (reset, timeout): counts toward 5xx bursts.
-    pub fn record_upstream_error(&self, policy: &Passive, now: u64) {
-        self.failures.fetch_add(1, Relaxed);
-        self.record_response(502, 0, policy, now);
+        let streak = self.error_streak.fetch_add(1, Relaxed) + 1;
+        if policy.consecutive_5xx > 0
+            && streak >= policy.consecutive_5xx
+            && self.ejected_until.load(Relaxed) <= now
+        {
+            self.error_streak.store(0, Relaxed);
+            self.eject(policy, now);
+        }
     }
 
     /// One active check result; rise/fall thresholds apply.
@@ -344,6 +350,23 @@ mod tests {
         s.record_response(500, 10, &p, 1);
         assert_eq!(s.health(2), Health::Ejected);
         assert_eq!(s.responses[4].load(Relaxed), 5);
+    }
+
+    #[test]
+    fn upstream_errors_count_toward_bursts_without_faking_a_response() {
+        let s = ServerState::new("a");
+        let p = policy();
+        s.record_upstream_error(&p, 1);
+        s.record_response(502, 10, &p, 1);
+        s.record_upstream_error(&p, 1);
+        assert_eq!(s.health(2), Health::Ejected);
+        assert_eq!(s.failures.load(Relaxed), 2);
+        assert_eq!(
+            s.responses[4].load(Relaxed),
+            1,
+            "only the real 502 is a response"
+        );
+        assert_eq!(s.latency.snapshot().1, 1, "only the real response is timed");
     }
 
     #[test]
