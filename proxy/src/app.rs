@@ -95,7 +95,8 @@ impl Shared {
         let runtime = Runtime::build(Arc::new(config), &self.live);
         self.runtime.store(Arc::new(runtime));
         let rt = self.runtime.load();
-        self.live.retain(|id| rt.server_ids().any(|s| s == id));
+        let in_use: std::collections::HashSet<&str> = rt.server_ids().collect();
+        self.live.retain(|id| in_use.contains(id));
         self.restart_checkers();
     }
 
