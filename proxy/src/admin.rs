@@ -43,10 +43,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
             b.timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10));
             let conn = b.serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.cancelled() => { conn.as_mut().graceful_shutdown(); let _ = conn.await; }
+            if let Err(e) = crate::server::until_done(conn, &stop, |c| c.graceful_shutdown()).await
+            {
+                tracing::debug!(error = %e, "admin connection ended with an error");
             }
         });
     }

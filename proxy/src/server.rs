@@ -6,7 +6,9 @@ use crate::app::{ConnCtx, Shared};
 use crate::forward;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,6 +68,27 @@ pub async fn accept_loop(
     }
 }
 
+/// Drives a served connection to its end. When `stop` fires first, asks it
+/// to finish gracefully (in-flight requests complete, no new ones) and waits.
+/// `graceful` is the connection type's own `graceful_shutdown`.
+pub(crate) async fn until_done<C, E>(
+    conn: C,
+    stop: &CancellationToken,
+    graceful: impl FnOnce(Pin<&mut C>),
+) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.cancelled() => {
+            graceful(conn.as_mut());
+            conn.await
+        }
+    }
+}
+
 /// Waits (within the header timeout) until the first bytes tell HTTP/2 from HTTP/1.
 async fn is_h2(stream: &TcpStream) -> std::io::Result<Option<bool>> {
     let mut buf = [0u8; H2_PREFACE.len()];
@@ -113,15 +136,7 @@ async fn serve_inner(stream: TcpStream, ctx: Arc<ConnCtx>, stop: CancellationTok
             .keep_alive_interval(Some(settings.idle_timeout / 2))
             .keep_alive_timeout(Duration::from_secs(20));
         let conn = b.serve_connection(io, svc);
-        tokio::pin!(conn);
-        let r = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = stop.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
-        if let Err(e) = r {
+        if let Err(e) = until_done(conn, &stop, |c| c.graceful_shutdown()).await {
             tracing::debug!(%peer, error = %e, "h2 connection ended with an error");
         }
     } else {
@@ -131,15 +146,7 @@ async fn serve_inner(stream: TcpStream, ctx: Arc<ConnCtx>, stop: CancellationTok
             .max_buf_size(settings.max_header_bytes)
             .keep_alive(true);
         let conn = b.serve_connection(io, svc).with_upgrades();
-        tokio::pin!(conn);
-        let r = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = stop.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
-        if let Err(e) = r {
+        if let Err(e) = until_done(conn, &stop, |c| c.graceful_shutdown()).await {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
     }

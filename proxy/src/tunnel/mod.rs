@@ -14,7 +14,7 @@ use std::cell::RefCell;
 use std::io::{self, ErrorKind};
 use std::net::Shutdown;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -261,14 +261,9 @@ async fn going_away(client: &mut TcpStream, server: &mut TcpStream, up: &mut Dir
         let _ = client.shutdown().await;
         let _ = server.shutdown().await;
         // drain until both peers close, so the close handshake completes
-        let mut sink = [0u8; 1024];
-        let (mut c_eof, mut s_eof) = (false, false);
-        while !(c_eof && s_eof) {
-            tokio::select! {
-                r = client.readable(), if !c_eof => { r?; match client.try_read(&mut sink) { Ok(0) => c_eof = true, Ok(_) => {}, Err(e) if e.kind() == ErrorKind::WouldBlock => {}, Err(e) => return Err(e) } }
-                r = server.readable(), if !s_eof => { r?; match server.try_read(&mut sink) { Ok(0) => s_eof = true, Ok(_) => {}, Err(e) if e.kind() == ErrorKind::WouldBlock => {}, Err(e) => return Err(e) } }
-            }
-        }
+        let (c, s) = tokio::join!(read_to_eof(client), read_to_eof(server));
+        c?;
+        s?;
         Ok::<(), io::Error>(())
     };
     match tokio::time::timeout(LINGER, work).await {
@@ -277,10 +272,16 @@ async fn going_away(client: &mut TcpStream, server: &mut TcpStream, up: &mut Dir
     }
 }
 
+/// Reads and discards until the peer closes its side.
+async fn read_to_eof(s: &mut TcpStream) -> io::Result<()> {
+    let mut sink = [0u8; 1024];
+    while s.read(&mut sink).await? != 0 {}
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
     async fn pair() -> (TcpStream, TcpStream) {
