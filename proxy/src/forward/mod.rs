@@ -59,11 +59,8 @@ fn error_response(shared: &Shared, e: &ProxyError) -> Response<ProxyBody> {
         error::ErrorSource::Upstream => tracing::warn!(error = %e, "upstream error"),
         _ => tracing::debug!(error = %e, "request refused"),
     }
-    let mut resp = Response::new(ProxyBody::text(format!(
-        "{{\"error\":\"{}\",\"status\":{}}}\n",
-        e.to_string().replace('"', "'"),
-        status.as_u16()
-    )));
+    let body = serde_json::json!({ "error": e.to_string(), "status": status.as_u16() });
+    let mut resp = Response::new(ProxyBody::text(body.to_string()));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(

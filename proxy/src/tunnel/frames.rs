@@ -31,8 +31,8 @@ impl Default for FrameTracker {
     }
 }
 
-fn header_len(b0: u8, b1: u8) -> usize {
-    let _ = b0;
+/// Header length from the second header byte (mask bit and length code).
+fn header_len(b1: u8) -> usize {
     let ext = match b1 & 0x7f {
         126 => 2,
         127 => 8,
@@ -62,11 +62,7 @@ impl FrameTracker {
                     }
                 }
                 State::Header { buf, have } => {
-                    let need = if *have < 2 {
-                        2
-                    } else {
-                        header_len(buf[0], buf[1])
-                    };
+                    let need = if *have < 2 { 2 } else { header_len(buf[1]) };
                     let take = (need - *have as usize).min(data.len());
                     buf[*have as usize..*have as usize + take].copy_from_slice(&data[..take]);
                     *have += take as u8;
@@ -74,7 +70,7 @@ impl FrameTracker {
                     if (*have as usize) < need {
                         continue;
                     }
-                    if need == 2 && header_len(buf[0], buf[1]) > 2 {
+                    if need == 2 && header_len(buf[1]) > 2 {
                         continue; // now we know the full header length
                     }
                     let (b0, b1) = (buf[0], buf[1]);
