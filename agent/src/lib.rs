@@ -7,18 +7,7 @@ use kp5_shared::Env;
 use serde::Deserialize;
 use std::net::SocketAddr;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Parse(String),
-    #[error("{field}: {message}")]
-    Invalid { field: String, message: String },
-}
+pub use kp5_shared::ConfigError;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -98,23 +87,16 @@ pub struct Config {
 }
 
 fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field: field.into(),
-        message: message.into(),
-    }
+    ConfigError::invalid(field, message)
 }
 
 impl Config {
     pub fn load(path: &std::path::Path, env: &dyn Env) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_toml(&text, env)
+        Self::from_toml(&kp5_shared::config::read(path)?, env)
     }
 
     pub fn from_toml(text: &str, env: &dyn Env) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let raw: RawConfig = kp5_shared::config::parse_toml(text)?;
         let a = raw.agent;
         let server_id = a
             .server_id

@@ -3,7 +3,9 @@
 //! in later parts of the system) or show on their admin APIs.
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod env;
 pub mod wire;
 
+pub use config::ConfigError;
 pub use env::{Env, MapEnv, ProcessEnv};

@@ -14,31 +14,7 @@ use std::time::Duration;
 
 pub use raw::RawConfig;
 
-/// What is wrong with a config, precise enough to fix it without guessing.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    /// TOML syntax or type errors; the message carries line and column.
-    #[error("{0}")]
-    Parse(String),
-    #[error("{field}: {message}")]
-    Invalid { field: String, message: String },
-    #[error("{0}")]
-    Env(String),
-}
-
-impl ConfigError {
-    pub(crate) fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError::Invalid {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-}
+pub use kp5_shared::ConfigError;
 
 /// A load-balancing strategy (SPEC §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,17 +186,12 @@ pub struct Config {
 impl Config {
     /// Reads, parses, applies the environment and validates `path`.
     pub fn load(path: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_toml(&text, env)
+        Self::from_toml(&kp5_shared::config::read(path)?, env)
     }
 
     /// Parses TOML text, applies the environment and validates.
     pub fn from_toml(text: &str, env: &dyn Env) -> Result<Config, ConfigError> {
-        let mut raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let mut raw: RawConfig = kp5_shared::config::parse_toml(text)?;
         apply_env(&mut raw, env).map_err(ConfigError::Env)?;
         validate::build(raw)
     }
