@@ -30,12 +30,48 @@ pub enum Placement {
     NoServer,
 }
 
+/// A match this proxy holds, as [`Affinity::held`] lists it.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub pool: Arc<str>,
+    pub id: Box<str>,
+    pub server: Arc<str>,
+    /// 0: placed without Redis, not written there yet.
+    pub token: u64,
+}
+
+/// What a lookup found for one connection of a match (cluster mode).
+#[derive(Debug)]
+pub enum Hold {
+    /// The known owner takes it: the lease is counted.
+    Use(MatchLease),
+    /// The owner is alive but at its connection limit.
+    Full,
+    /// This proxy knows no owner.
+    Missing,
+    /// The owner known here (with this fencing token) is dead or gone.
+    Gone { token: u64 },
+}
+
 #[derive(Debug)]
 struct Entry {
     server: Arc<ServerState>,
     active: u32,
     idle_since: u64,
     grace_ms: u64,
+    /// Fencing token of the Redis claim; 0 when placed without Redis.
+    token: u64,
+}
+
+impl Entry {
+    /// Points the entry at another server, moving the match count.
+    fn move_to(&mut self, next: &Arc<ServerState>) {
+        if !Arc::ptr_eq(&self.server, next) {
+            self.server.matches.fetch_sub(1, Relaxed);
+            next.matches.fetch_add(1, Relaxed);
+            self.server = next.clone();
+        }
+    }
 }
 
 type Table = HashMap<Arc<str>, HashMap<Box<str>, Entry>>;
@@ -86,9 +122,7 @@ impl Affinity {
                         return Placement::NoServer;
                     };
                     tracing::info!(match_id = id, from = %e.server.id, to = %next.id, "match moved");
-                    e.server.matches.fetch_sub(1, Relaxed);
-                    next.matches.fetch_add(1, Relaxed);
-                    e.server = next.clone();
+                    e.move_to(&next);
                     e.active += 1;
                     e.grace_ms = grace_ms;
                     next
@@ -106,17 +140,133 @@ impl Affinity {
                         active: 1,
                         idle_since: 0,
                         grace_ms,
+                        token: 0,
                     },
                 );
                 server
             }
         };
-        Placement::Placed(MatchLease {
+        Placement::Placed(self.lease(pool, id, server, 0))
+    }
+
+    fn lease(
+        self: &Arc<Self>,
+        pool: &Arc<str>,
+        id: &str,
+        server: Arc<ServerState>,
+        token: u64,
+    ) -> MatchLease {
+        MatchLease {
             affinity: self.clone(),
             pool: pool.clone(),
             id: id.into(),
             server,
-        })
+            token,
+        }
+    }
+
+    /// Cluster mode, step one: use the owner this proxy knows, if `check`
+    /// accepts it; otherwise say what is missing.
+    pub fn hold(
+        self: &Arc<Self>,
+        pool: &Arc<str>,
+        id: &str,
+        check: impl Fn(&ServerState) -> Existing,
+    ) -> Hold {
+        let mut table = self.lock();
+        let Some(e) = table.get_mut(&**pool).and_then(|m| m.get_mut(id)) else {
+            return Hold::Missing;
+        };
+        match check(&e.server) {
+            Existing::Use => {
+                e.active += 1;
+                let (server, token) = (e.server.clone(), e.token);
+                drop(table);
+                Hold::Use(self.lease(pool, id, server, token))
+            }
+            Existing::Full => Hold::Full,
+            Existing::Gone => Hold::Gone { token: e.token },
+        }
+    }
+
+    /// Cluster mode, step two: record the owner Redis settled on (or the
+    /// one rendezvous hashing chose, with token 0) and count the connection.
+    /// A newer token already known here wins over an older one.
+    pub fn adopt(
+        self: &Arc<Self>,
+        pool: &Arc<str>,
+        id: &str,
+        server: Arc<ServerState>,
+        token: u64,
+        grace_ms: u64,
+    ) -> MatchLease {
+        let mut table = self.lock();
+        let matches = match table.get_mut(&**pool) {
+            Some(m) => m,
+            None => table.entry(pool.clone()).or_default(),
+        };
+        let (server, token) = match matches.get_mut(id) {
+            Some(e) => {
+                if token >= e.token {
+                    if !Arc::ptr_eq(&e.server, &server) {
+                        tracing::info!(match_id = id, from = %e.server.id, to = %server.id, token, "match moved");
+                    }
+                    e.move_to(&server);
+                    e.token = token;
+                }
+                e.active += 1;
+                e.grace_ms = grace_ms;
+                (e.server.clone(), e.token)
+            }
+            None => {
+                server.matches.fetch_add(1, Relaxed);
+                matches.insert(
+                    id.into(),
+                    Entry {
+                        server: server.clone(),
+                        active: 1,
+                        idle_since: 0,
+                        grace_ms,
+                        token,
+                    },
+                );
+                (server, token)
+            }
+        };
+        drop(table);
+        self.lease(pool, id, server, token)
+    }
+
+    /// Another proxy (or this one's refresher) settled the owner of a match
+    /// with a newer token: later connections follow it. Unknown matches are
+    /// not added.
+    pub fn learn(&self, pool: &str, id: &str, server: &Arc<ServerState>, token: u64) {
+        let mut table = self.lock();
+        if let Some(e) = table.get_mut(pool).and_then(|m| m.get_mut(id)) {
+            if token > e.token || (token == e.token && Arc::ptr_eq(&e.server, server)) {
+                e.move_to(server);
+                e.token = token;
+            }
+        }
+    }
+
+    /// Matches whose Redis assignment this proxy must keep alive (open
+    /// connections) or still has to write (placed while Redis was away).
+    pub fn held(&self) -> Vec<Held> {
+        let table = self.lock();
+        table
+            .iter()
+            .flat_map(|(pool, m)| {
+                m.iter()
+                    .filter(|(_, e)| e.active > 0 || e.token == 0)
+                    .map(|(id, e)| Held {
+                        pool: pool.clone(),
+                        id: id.clone(),
+                        server: e.server.id.clone(),
+                        token: e.token,
+                    })
+            })
+            .collect()
     }
 
     fn release(&self, pool: &str, id: &str) {
@@ -177,11 +327,17 @@ pub struct MatchLease {
     pool: Arc<str>,
     id: Box<str>,
     server: Arc<ServerState>,
+    token: u64,
 }
 
 impl MatchLease {
     pub fn server(&self) -> &Arc<ServerState> {
         &self.server
+    }
+
+    /// Fencing token of the match's claim (0: placed without Redis).
+    pub fn token(&self) -> u64 {
+        self.token
     }
 
     pub fn match_id(&self) -> &str {
@@ -260,6 +416,35 @@ mod tests {
             aff.place(&pool, "8", 0, |_| Existing::Use, || None),
             Placement::NoServer
         ));
+    }
+
+    #[test]
+    fn adopt_keeps_the_newest_token_and_learn_moves_known_matches() {
+        let (aff, pool, a, b) = setup();
+        let l1 = aff.adopt(&pool, "9", a.clone(), 5, 1000);
+        // an older answer arriving late does not move the match back
+        let l2 = aff.adopt(&pool, "9", b.clone(), 4, 1000);
+        assert_eq!(
+            (l1.server().id.clone(), l2.server().id.clone()),
+            (a.id.clone(), a.id.clone())
+        );
+        assert_eq!(l2.token(), 5);
+        assert!(matches!(
+            aff.hold(&pool, "9", |_| Existing::Gone),
+            Hold::Gone { token: 5 }
+        ));
+        aff.learn("pool", "9", &b, 6);
+        let Hold::Use(l3) = aff.hold(&pool, "9", |_| Existing::Use) else {
+            panic!()
+        };
+        assert_eq!((&*l3.server().id, l3.token()), ("b", 6));
+        assert_eq!((a.matches.load(Relaxed), b.matches.load(Relaxed)), (0, 1));
+        aff.learn("pool", "unknown", &b, 1);
+        assert!(matches!(
+            aff.hold(&pool, "unknown", |_| Existing::Use),
+            Hold::Missing
+        ));
+        assert_eq!(aff.held().len(), 1);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use crate::affinity::Affinity;
 use crate::clock::Clock;
+use crate::cluster::{self, Cluster};
 use crate::config::Config;
 use crate::forward::body::UpstreamBody;
 use crate::runtime::Runtime;
@@ -50,6 +51,10 @@ pub struct Shared {
     pub close_tunnels: CancellationToken,
     /// Cancelled when health checkers of the current runtime must stop.
     checkers: std::sync::Mutex<CancellationToken>,
+    /// The Redis registry, when `[redis]` is set.
+    pub cluster: Option<Arc<Cluster>>,
+    /// Serialises runtime builds (config reloads and registry changes).
+    build: std::sync::Mutex<()>,
 }
 
 /// Per client connection.
@@ -60,7 +65,7 @@ pub struct ConnCtx {
 }
 
 impl Shared {
-    fn new(config: Arc<Config>) -> Arc<Shared> {
+    fn new(config: Arc<Config>, cluster: Option<Arc<Cluster>>) -> Arc<Shared> {
         let p = &config.proxy;
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
@@ -75,7 +80,7 @@ impl Shared {
             .build(http);
         let live = Live::default();
         let clock = Clock::new();
-        let runtime = Runtime::build(config, &live);
+        let runtime = Runtime::build(config, &live, &[]);
         Arc::new(Shared {
             runtime: ArcSwap::from_pointee(runtime),
             live,
@@ -86,18 +91,39 @@ impl Shared {
             tunnels: TaskTracker::new(),
             close_tunnels: CancellationToken::new(),
             checkers: std::sync::Mutex::new(CancellationToken::new()),
+            cluster,
+            build: std::sync::Mutex::new(()),
         })
     }
 
-    /// Swaps in a new config: built off the hot path, then stored atomically.
-    /// Live state (counts, health, matches) carries over by server id.
-    pub fn apply(self: &Arc<Self>, config: Config) {
-        let runtime = Runtime::build(Arc::new(config), &self.live);
+    /// Servers agents registered, as this proxy knows them now.
+    fn discovered(&self) -> Vec<kp5_shared::wire::ServerRecord> {
+        self.cluster
+            .as_ref()
+            .map(|c| c.records())
+            .unwrap_or_default()
+    }
+
+    /// Rebuilds the runtime of the current config with the current registry.
+    pub fn rebuild(self: &Arc<Self>) {
+        let config = self.runtime.load().config.clone();
+        self.install(config);
+    }
+
+    fn install(self: &Arc<Self>, config: Arc<Config>) {
+        let _one_at_a_time = self.build.lock().unwrap_or_else(|p| p.into_inner());
+        let runtime = Runtime::build(config, &self.live, &self.discovered());
         self.runtime.store(Arc::new(runtime));
         let rt = self.runtime.load();
         let in_use: std::collections::HashSet<&str> = rt.server_ids().collect();
         self.live.retain(|id| in_use.contains(id));
         self.restart_checkers();
+    }
+
+    /// Swaps in a new config: built off the hot path, then stored atomically.
+    /// Live state (counts, health, matches) carries over by server id.
+    pub fn apply(self: &Arc<Self>, config: Config) {
+        self.install(Arc::new(config));
     }
 
     fn restart_checkers(self: &Arc<Self>) {
@@ -130,16 +156,20 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("[redis]: {0}")]
+    Redis(String),
 }
 
 /// Binds every listener and starts serving. Must run inside a Tokio runtime.
 pub async fn start(config: Config) -> Result<ProxyHandle, StartError> {
-    if config.redis.is_some() {
-        tracing::warn!(
-            "[redis] is set, but this build routes on the embedded in-process registry only"
-        );
-    }
     let config = Arc::new(config);
+    let cluster = match &config.redis {
+        Some(r) => {
+            let (c, rx) = Cluster::new(r).map_err(|e| StartError::Redis(e.to_string()))?;
+            Some((c, rx))
+        }
+        None => None,
+    };
     let mut listeners = Vec::new();
     for &addr in &config.proxy.listen {
         let l = server::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
@@ -151,7 +181,7 @@ pub async fn start(config: Config) -> Result<ProxyHandle, StartError> {
         source,
     })?;
 
-    let shared = Shared::new(config);
+    let shared = Shared::new(config, cluster.as_ref().map(|(c, _)| c.clone()));
     let stop = CancellationToken::new();
     let conns = TaskTracker::new();
     let tasks = TaskTracker::new();
@@ -170,6 +200,10 @@ pub async fn start(config: Config) -> Result<ProxyHandle, StartError> {
     }
     tasks.spawn(admin::serve(admin_listener, shared.clone(), stop.clone()));
     tasks.spawn(sweeper(shared.clone(), stop.clone()));
+    if let Some((c, rx)) = cluster {
+        tracing::info!(redis = %c.target.redacted_url(), instance = %c.instance, "using the Redis registry");
+        cluster::spawn(shared.clone(), c, rx, stop.clone(), &tasks);
+    }
     shared.restart_checkers();
     tracing::info!(?listen, %admin, "kp5-proxy started");
     Ok(ProxyHandle {

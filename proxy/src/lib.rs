@@ -7,6 +7,7 @@ pub mod affinity;
 pub mod app;
 pub mod balance;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod forward;
 pub mod health;

@@ -123,10 +123,63 @@ impl prometheus_client::collector::Collector for Collector {
                 .encode(m.encode_family(&[("result", "error")])?)?;
         }
 
+        if let Some(cl) = &shared.cluster {
+            one(
+                &mut enc,
+                "kp5_redis_up",
+                "1 while Redis is reachable; 0 means degraded (last-known registry, rendezvous placement).",
+                MetricType::Gauge,
+                u64::from(cl.is_up()),
+            )?;
+            let n = &cl.counters;
+            {
+                let mut m = enc.encode_descriptor(
+                "kp5_match_claims",
+                "Match claims in Redis, by result: won (new owner installed), adopted (another proxy's owner), reassigned (won over a dead owner), rendezvous (placed without Redis).",
+                None,
+                MetricType::Counter,
+            )?;
+                for (result, v) in [
+                    ("won", &n.claims_won),
+                    ("adopted", &n.claims_adopted),
+                    ("reassigned", &n.reassignments),
+                    ("rendezvous", &n.degraded_placements),
+                ] {
+                    Const(v.load(Relaxed), MetricType::Counter)
+                        .encode(m.encode_family(&[("result", result)])?)?;
+                }
+            }
+            one(
+                &mut enc,
+                "kp5_redis_errors",
+                "Redis commands that failed or timed out.",
+                MetricType::Counter,
+                n.redis_errors.load(Relaxed),
+            )?;
+            one(
+                &mut enc,
+                "kp5_registry_events",
+                "Registry events received over pub/sub.",
+                MetricType::Counter,
+                n.events.load(Relaxed),
+            )?;
+        }
         let rt = shared.runtime.load_full();
         let now = shared.clock.now_ms();
         type Get = fn(&crate::runtime::Upstream, u64) -> u64;
-        let per_server: [(&str, &str, MetricType, Get); 9] = [
+        let per_server: [(&str, &str, MetricType, Get); 11] = [
+            (
+                "kp5_upstream_cluster_connections",
+                "Connections per server cluster-wide, as balancing sees them (agent report plus this proxy's opens since).",
+                MetricType::Gauge,
+                |u, _| u.state.cluster_connections(),
+            ),
+            (
+                "kp5_upstream_cluster_matches",
+                "Matches per server cluster-wide, as balancing sees them.",
+                MetricType::Gauge,
+                |u, _| u.state.cluster_matches(),
+            ),
             (
                 "kp5_upstream_connections",
                 "Open proxied connections per server (in-flight requests plus tunnels).",

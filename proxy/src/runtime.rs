@@ -5,6 +5,7 @@
 use crate::balance::{Load, Select, Selector};
 use crate::config::{Config, Pool};
 use crate::state::{Live, ServerState};
+use kp5_shared::wire::ServerRecord;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -16,16 +17,19 @@ pub struct Upstream {
     pub address: http::uri::Authority,
     pub weight: u32,
     pub max_connections: u64,
+    pub max_matches: u64,
+    /// Registered by an agent rather than listed in the config.
+    pub discovered: bool,
 }
 
 impl Load for Upstream {
     #[inline]
     fn connections(&self) -> u64 {
-        self.state.connections.load(Relaxed)
+        self.state.cluster_connections()
     }
     #[inline]
     fn matches(&self) -> u64 {
-        self.state.matches.load(Relaxed)
+        self.state.cluster_matches()
     }
     #[inline]
     fn weight(&self) -> u32 {
@@ -55,19 +59,28 @@ impl PoolRuntime {
     /// May `u` take one more connection?
     #[inline]
     pub fn has_room(&self, u: &Upstream) -> bool {
-        u.state.connections.load(Relaxed) < self.cfg.max_connections_per_server
+        u.connections() < u.max_connections
+    }
+
+    /// May `u` take a new match (besides room for the connection)?
+    #[inline]
+    pub fn takes_new_match(&self, u: &Upstream) -> bool {
+        u.matches() < u.max_matches
+    }
+
+    /// The servers that may take a new connection (and match) now.
+    pub fn eligible(&self, u: &Upstream, now: u64, new_match: bool) -> bool {
+        u.state.available(now, &self.cfg.passive)
+            && self.has_room(u)
+            && (!new_match || self.takes_new_match(u))
     }
 
     /// Chooses a server for a new connection (or a new match).
     pub fn pick(&self, now: u64, new_match: bool) -> Option<&Upstream> {
-        let cfg = &*self.cfg;
         let servers = &self.servers;
-        let i = self.selector.select(servers, &mut |i| {
-            let u = &servers[i];
-            u.state.available(now, &cfg.passive)
-                && self.has_room(u)
-                && (!new_match || u.state.matches.load(Relaxed) < cfg.max_matches_per_server)
-        })?;
+        let i = self
+            .selector
+            .select(servers, &mut |i| self.eligible(&servers[i], now, new_match))?;
         let u = &servers[i];
         u.state.selections.fetch_add(1, Relaxed);
         Some(u)
@@ -84,12 +97,15 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    pub fn build(config: Arc<Config>, live: &Live) -> Runtime {
+    /// Builds the runtime of `config`, adding to each pool with
+    /// `discover = true` the servers agents registered for it (a static
+    /// backend of the same id wins).
+    pub fn build(config: Arc<Config>, live: &Live, discovered: &[ServerRecord]) -> Runtime {
         let pools: Vec<PoolRuntime> = config
             .pools
             .iter()
             .map(|p| {
-                let servers: Vec<Upstream> = p
+                let mut servers: Vec<Upstream> = p
                     .backends
                     .iter()
                     .map(|b| Upstream {
@@ -97,8 +113,35 @@ impl Runtime {
                         address: b.address.clone(),
                         weight: b.weight,
                         max_connections: p.max_connections_per_server,
+                        max_matches: p.max_matches_per_server,
+                        discovered: false,
                     })
                     .collect();
+                if p.discover {
+                    for r in discovered.iter().filter(|r| r.pool == p.name) {
+                        if p.backends.iter().any(|b| b.id == r.id) {
+                            continue;
+                        }
+                        let Ok(address) = r.address.parse::<http::uri::Authority>() else {
+                            tracing::warn!(server = %r.id, address = %r.address, "registered address is not host:port; ignored");
+                            continue;
+                        };
+                        servers.push(Upstream {
+                            state: live.get_or_create(&r.id),
+                            address,
+                            weight: r.weight.max(1),
+                            max_connections: r
+                                .max_connections
+                                .map_or(p.max_connections_per_server, |m| {
+                                    m.min(p.max_connections_per_server)
+                                }),
+                            max_matches: r.max_matches.map_or(p.max_matches_per_server, |m| {
+                                m.min(p.max_matches_per_server)
+                            }),
+                            discovered: true,
+                        });
+                    }
+                }
                 let by_id = servers
                     .iter()
                     .enumerate()
@@ -177,7 +220,7 @@ backends = [{ id = "b1", address = "127.0.0.1:2" }]
             &MapEnv::new(),
         )
         .unwrap();
-        let rt = Runtime::build(Arc::new(cfg), &Live::default());
+        let rt = Runtime::build(Arc::new(cfg), &Live::default(), &[]);
         assert_eq!(&*rt.route(None, "/x").unwrap().name, "a");
         assert_eq!(&*rt.route(None, "/api/x").unwrap().name, "b");
         assert_eq!(&*rt.route(Some("PLAY.example"), "/x").unwrap().name, "b");

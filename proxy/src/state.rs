@@ -51,6 +51,9 @@ impl LatencyHistogram {
     }
 }
 
+/// A reported figure not reported yet.
+pub const NO_REPORT: u64 = u64::MAX;
+
 /// Everything this proxy knows about one server right now.
 #[derive(Debug)]
 pub struct ServerState {
@@ -68,6 +71,15 @@ pub struct ServerState {
     pub responses: [AtomicU64; 5],
     pub latency: LatencyHistogram,
     pub draining: AtomicBool,
+    /// Load as the server's agent last reported it ([`NO_REPORT`] before
+    /// the first report), and what this proxy added since that report.
+    reported_connections: AtomicU64,
+    reported_matches: AtomicU64,
+    conn_delta: AtomicU64,
+    match_delta: AtomicU64,
+    /// Machine CPU and memory use from the agent, in permille.
+    pub cpu_permille: AtomicU32,
+    pub memory_permille: AtomicU32,
     active_up: AtomicBool,
     ejected_until: AtomicU64,
     readmitted_at: AtomicU64,
@@ -90,6 +102,12 @@ impl ServerState {
             responses: Default::default(),
             latency: LatencyHistogram::default(),
             draining: AtomicBool::new(false),
+            reported_connections: AtomicU64::new(NO_REPORT),
+            reported_matches: AtomicU64::new(NO_REPORT),
+            conn_delta: AtomicU64::new(0),
+            match_delta: AtomicU64::new(0),
+            cpu_permille: AtomicU32::new(0),
+            memory_permille: AtomicU32::new(0),
             active_up: AtomicBool::new(true),
             ejected_until: AtomicU64::new(0),
             readmitted_at: AtomicU64::new(0),
@@ -98,6 +116,56 @@ impl ServerState {
             error_streak: AtomicU32::new(0),
             checks: Mutex::new(None),
         }
+    }
+
+    /// An agent report arrived: it already counts what this proxy opened
+    /// before it, so the deltas start again from zero.
+    pub fn apply_report(&self, connections: Option<u64>, matches: Option<u64>) {
+        if let Some(c) = connections {
+            self.reported_connections
+                .store(c.min(NO_REPORT - 1), Relaxed);
+            self.conn_delta.store(0, Relaxed);
+        }
+        if let Some(m) = matches {
+            self.reported_matches.store(m.min(NO_REPORT - 1), Relaxed);
+            self.match_delta.store(0, Relaxed);
+        }
+    }
+
+    /// The server's reported connections (`None` before any report).
+    pub fn reported_connections(&self) -> Option<u64> {
+        Some(self.reported_connections.load(Relaxed)).filter(|&c| c != NO_REPORT)
+    }
+
+    pub fn reported_matches(&self) -> Option<u64> {
+        Some(self.reported_matches.load(Relaxed)).filter(|&c| c != NO_REPORT)
+    }
+
+    /// Connections cluster-wide: the agent's last report plus what this
+    /// proxy opened since, and never less than what this proxy holds open.
+    #[inline]
+    pub fn cluster_connections(&self) -> u64 {
+        let local = self.connections.load(Relaxed);
+        match self.reported_connections.load(Relaxed) {
+            NO_REPORT => local,
+            r => local.max(r + self.conn_delta.load(Relaxed)),
+        }
+    }
+
+    /// Matches cluster-wide, by the same rule.
+    #[inline]
+    pub fn cluster_matches(&self) -> u64 {
+        let local = self.matches.load(Relaxed);
+        match self.reported_matches.load(Relaxed) {
+            NO_REPORT => local,
+            r => local.max(r + self.match_delta.load(Relaxed)),
+        }
+    }
+
+    /// A match was just placed on this server (by this proxy or, as its
+    /// assign event says, by another one) and no report counts it yet.
+    pub fn note_new_match(&self) {
+        self.match_delta.fetch_add(1, Relaxed);
     }
 
     pub fn health(&self, now: u64) -> Health {
@@ -235,6 +303,7 @@ pub struct ConnGuard {
 impl ConnGuard {
     pub fn new(server: Arc<ServerState>) -> Self {
         server.connections.fetch_add(1, Relaxed);
+        server.conn_delta.fetch_add(1, Relaxed);
         ConnGuard {
             server,
             websocket: false,
@@ -417,6 +486,22 @@ mod tests {
             (s.connections.load(Relaxed), s.websockets.load(Relaxed)),
             (0, 0)
         );
+    }
+
+    #[test]
+    fn cluster_load_is_the_report_plus_what_this_proxy_opened_since() {
+        let s = Arc::new(ServerState::new("a"));
+        let g1 = ConnGuard::new(s.clone());
+        assert_eq!(s.cluster_connections(), 1, "no report: the local count");
+        s.apply_report(Some(100), Some(7));
+        assert_eq!((s.cluster_connections(), s.cluster_matches()), (100, 7));
+        let g2 = ConnGuard::new(s.clone());
+        s.note_new_match();
+        assert_eq!((s.cluster_connections(), s.cluster_matches()), (101, 8));
+        drop((g1, g2));
+        s.apply_report(Some(0), None);
+        assert_eq!((s.cluster_connections(), s.cluster_matches()), (0, 8));
+        assert_eq!(s.reported_connections(), Some(0));
     }
 
     #[test]

@@ -80,6 +80,19 @@ pub struct RedisSettings {
     pub password: Option<String>,
     pub db: Option<u32>,
     pub key_prefix: String,
+    pub timeout: Duration,
+    pub reconcile_interval: Duration,
+}
+
+impl RedisSettings {
+    pub fn target(&self) -> kp5_shared::redis::RedisTarget {
+        kp5_shared::redis::RedisTarget {
+            url: self.url.clone(),
+            password: self.password.clone(),
+            db: self.db,
+            timeout: self.timeout,
+        }
+    }
 }
 
 /// `[log]`.
@@ -209,6 +222,8 @@ fn apply_env(raw: &mut RawConfig, env: &dyn Env) -> Result<(), String> {
             password: None,
             db: None,
             key_prefix: "kp5".into(),
+            timeout_ms: 500,
+            reconcile_interval_ms: 5000,
         });
         redis.url = url;
     }

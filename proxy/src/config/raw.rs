@@ -92,6 +92,12 @@ pub struct RawRedis {
     pub db: Option<u32>,
     #[serde(default = "d_prefix")]
     pub key_prefix: String,
+    /// A Redis command slower than this counts as a failure, ms. Default 500.
+    #[serde(default = "d_redis_timeout")]
+    pub timeout_ms: u64,
+    /// Full re-read of the registry (beside pub/sub), ms. Default 5000.
+    #[serde(default = "d_reconcile")]
+    pub reconcile_interval_ms: u64,
 }
 
 /// `[log]`.
@@ -287,6 +293,12 @@ fn d_pool_idle() -> usize {
 }
 fn d_admin_listen() -> String {
     "127.0.0.1:9901".into()
+}
+fn d_redis_timeout() -> u64 {
+    500
+}
+fn d_reconcile() -> u64 {
+    5000
 }
 fn d_prefix() -> String {
     "kp5".into()

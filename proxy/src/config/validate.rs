@@ -190,11 +190,25 @@ fn redis_settings(r: &RawRedis) -> Result<RedisSettings, ConfigError> {
             ),
         ));
     }
+    if !(10..=60_000).contains(&r.timeout_ms) {
+        return Err(ConfigError::invalid(
+            "redis.timeout_ms",
+            format!("{} is outside 10..=60000", r.timeout_ms),
+        ));
+    }
+    if !(100..=3_600_000).contains(&r.reconcile_interval_ms) {
+        return Err(ConfigError::invalid(
+            "redis.reconcile_interval_ms",
+            format!("{} is outside 100..=3600000", r.reconcile_interval_ms),
+        ));
+    }
     Ok(RedisSettings {
         url: r.url.clone(),
         password: r.password.clone(),
         db: r.db,
         key_prefix: r.key_prefix.clone(),
+        timeout: Duration::from_millis(r.timeout_ms),
+        reconcile_interval: Duration::from_millis(r.reconcile_interval_ms),
     })
 }
 

@@ -8,7 +8,7 @@ pub mod error;
 pub mod headers;
 pub mod match_id;
 
-use crate::affinity::{Existing, MatchLease, Placement};
+use crate::affinity::{Existing, Hold, MatchLease, Placement};
 use crate::app::{ConnCtx, Shared};
 use crate::runtime::{PoolRuntime, Runtime, Upstream};
 use crate::state::ConnGuard;
@@ -24,6 +24,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::TcpStream;
+
+/// Header carrying a match's fencing token to its server.
+pub const FENCING_HEADER: &str = "x-kp5-fencing-token";
 
 /// Serves one request from a client connection.
 pub async fn handle(
@@ -81,16 +84,18 @@ struct Choice<'rt> {
     set_cookie: bool,
 }
 
-fn choose<'rt>(
+async fn choose<'rt>(
     shared: &Shared,
     pool: &'rt PoolRuntime,
     match_id: Option<&str>,
     sticky: Option<&str>,
+    exclude: Option<&str>,
     now: u64,
 ) -> Result<Choice<'rt>, ProxyError> {
     if let Some(id) = match_id {
+        // the match's owner takes the connection while it lives and has room
         let check = |s: &crate::state::ServerState| match pool.find(&s.id) {
-            Some(u) if s.alive(now) => {
+            Some(u) if s.alive(now) && exclude != Some(&*s.id) => {
                 if pool.has_room(u) {
                     Existing::Use
                 } else {
@@ -99,24 +104,30 @@ fn choose<'rt>(
             }
             _ => Existing::Gone,
         };
-        let pick = || pool.pick(now, true).map(|u| u.state.clone());
-        let grace = pool.cfg.match_grace.as_millis() as u64;
-        return match shared.affinity.place(&pool.name, id, grace, check, pick) {
-            Placement::Placed(lease) => {
-                let upstream = pool
-                    .find(&lease.server().id)
-                    .ok_or(ProxyError::NoCapacity)?;
-                Ok(Choice {
-                    upstream,
-                    lease: Some(lease),
-                    set_cookie: false,
-                })
+        let lease = match &shared.cluster {
+            Some(cluster) => {
+                place_in_cluster(shared, cluster, pool, id, check, exclude, now).await?
             }
-            Placement::Full | Placement::NoServer => Err(ProxyError::NoCapacity),
+            None => {
+                let pick = || pick_new_match(pool, exclude, now).map(|u| u.state.clone());
+                let grace = pool.cfg.match_grace.as_millis() as u64;
+                match shared.affinity.place(&pool.name, id, grace, check, pick) {
+                    Placement::Placed(lease) => lease,
+                    Placement::Full | Placement::NoServer => return Err(ProxyError::NoCapacity),
+                }
+            }
         };
+        let upstream = pool
+            .find(&lease.server().id)
+            .ok_or(ProxyError::NoCapacity)?;
+        return Ok(Choice {
+            upstream,
+            lease: Some(lease),
+            set_cookie: false,
+        });
     }
     if let Some(u) = sticky.and_then(|id| pool.find(id)) {
-        if u.state.alive(now) && pool.has_room(u) {
+        if u.state.alive(now) && pool.has_room(u) && exclude != Some(&*u.state.id) {
             return Ok(Choice {
                 upstream: u,
                 lease: None,
@@ -130,6 +141,118 @@ fn choose<'rt>(
         lease: None,
         set_cookie: pool.cfg.sticky_cookie.is_some(),
     })
+}
+
+/// The strategy's choice for a new match, avoiding a server that just
+/// refused a connection.
+fn pick_new_match<'rt>(
+    pool: &'rt PoolRuntime,
+    exclude: Option<&str>,
+    now: u64,
+) -> Option<&'rt Upstream> {
+    let u = pool.pick(now, true)?;
+    if exclude != Some(&*u.state.id) {
+        return Some(u);
+    }
+    // one more draw; the excluded server is usually the only one skipped
+    pool.servers
+        .iter()
+        .filter(|o| exclude != Some(&*o.state.id) && pool.eligible(o, now, true))
+        .min_by_key(|o| crate::balance::Load::matches(*o))
+}
+
+/// Places a connection of match `id` with the Redis registry: the owner
+/// known here, else the owner Redis holds, else this proxy's candidate,
+/// claimed atomically. A dead owner is replaced with its fencing token, so
+/// concurrent proxies replace it once. Without Redis: rendezvous hashing.
+async fn place_in_cluster(
+    shared: &Shared,
+    cluster: &crate::cluster::Cluster,
+    pool: &PoolRuntime,
+    id: &str,
+    check: impl Fn(&crate::state::ServerState) -> Existing,
+    exclude: Option<&str>,
+    now: u64,
+) -> Result<MatchLease, ProxyError> {
+    let grace = pool.cfg.match_grace.as_millis() as u64;
+    let mut replace = match shared.affinity.hold(&pool.name, id, &check) {
+        Hold::Use(lease) => return Ok(lease),
+        Hold::Full => return Err(ProxyError::NoCapacity),
+        Hold::Missing => None,
+        Hold::Gone { token } => Some(token).filter(|&t| t != 0),
+    };
+    if cluster.is_up() {
+        let ttl = crate::cluster::claim::ttl(pool.cfg.match_grace);
+        // at most: adopt a dead owner's token, then replace it
+        for _ in 0..3 {
+            let candidate = pick_new_match(pool, exclude, now);
+            let claimed = match cluster
+                .claim(
+                    &pool.name,
+                    id,
+                    candidate.map(|u| &*u.state.id),
+                    replace,
+                    ttl,
+                )
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(match_id = id, error = %e, "match claim failed; placing by rendezvous hashing");
+                    break;
+                }
+            };
+            let Some(owner) = pool.find(&claimed.server) else {
+                if claimed.server.is_empty() {
+                    return Err(ProxyError::NoCapacity);
+                }
+                // owned by a server this proxy does not know (yet): gone here
+                replace = Some(claimed.token);
+                continue;
+            };
+            if claimed.won {
+                owner.state.note_new_match();
+                if !claimed.previous.is_empty() {
+                    tracing::info!(match_id = id, from = %claimed.previous, to = %claimed.server, token = claimed.token, "match reassigned");
+                }
+            } else {
+                match check(&owner.state) {
+                    Existing::Use => {}
+                    Existing::Full => return Err(ProxyError::NoCapacity),
+                    Existing::Gone => {
+                        replace = Some(claimed.token);
+                        continue;
+                    }
+                }
+            }
+            return Ok(shared.affinity.adopt(
+                &pool.name,
+                id,
+                owner.state.clone(),
+                claimed.token,
+                grace,
+            ));
+        }
+        if cluster.is_up() {
+            return Err(ProxyError::NoCapacity);
+        }
+    }
+    // Redis is away: every proxy with the same view picks the same server
+    let i = crate::cluster::rendezvous::choose(
+        id,
+        pool.servers
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| exclude != Some(&*u.state.id) && pool.eligible(u, now, true))
+            .map(|(i, u)| (i, &*u.state.id, u.weight)),
+    )
+    .ok_or(ProxyError::NoCapacity)?;
+    let u = &pool.servers[i];
+    u.state.note_new_match();
+    cluster.counters.degraded_placements.fetch_add(1, Relaxed);
+    Ok(shared
+        .affinity
+        .adopt(&pool.name, id, u.state.clone(), 0, grace))
 }
 
 fn host_without_port(h: &str) -> &str {
@@ -206,10 +329,19 @@ async fn proxy(
     ) && !upgrade;
 
     let mut attempt = 0;
+    let mut refused: Option<Arc<str>> = None;
     loop {
         attempt += 1;
         let now = shared.clock.now_ms();
-        let choice = choose(shared, pool, match_id.as_deref(), sticky.as_deref(), now)?;
+        let choice = choose(
+            shared,
+            pool,
+            match_id.as_deref(),
+            sticky.as_deref(),
+            refused.as_deref(),
+            now,
+        )
+        .await?;
         let upstream = choice.upstream;
         let guard = ConnGuard::new(upstream.state.clone());
         upstream.state.requests.fetch_add(1, Relaxed);
@@ -225,6 +357,12 @@ async fn proxy(
         *up_req.uri_mut() = uri;
         *up_req.version_mut() = Version::HTTP_11;
         *up_req.headers_mut() = parts.headers.clone();
+        if let Some(lease) = choice.lease.as_ref().filter(|l| l.token() != 0) {
+            // lets the match server refuse requests of a match it lost
+            up_req
+                .headers_mut()
+                .insert(FENCING_HEADER, HeaderValue::from(lease.token()));
+        }
 
         let started = Instant::now();
         let result = if upgrade {
@@ -239,6 +377,7 @@ async fn proxy(
                 let passive = &pool.cfg.passive;
                 if e.retryable() {
                     upstream.state.record_connect_failure(passive, now);
+                    refused = Some(upstream.state.id.clone());
                 } else {
                     upstream.state.record_upstream_error(passive, now);
                 }

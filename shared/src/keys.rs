@@ -1,0 +1,61 @@
+//! The Redis key schema (documented in `docs/redis-schema.md`). One key per
+//! server and per match, never one big hash; every per-match key carries the
+//! Redis Cluster hash tag `{pool:id}`, so all keys of one match share a slot.
+
+/// Builds every key and channel name under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        Keys {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// STRING: the JSON [`crate::wire::ServerRecord`] of one server, with
+    /// the heartbeat TTL. Written by the server's agent.
+    pub fn server(&self, id: &str) -> String {
+        format!("{}:server:{id}", self.prefix)
+    }
+
+    /// SET: ids of the servers registered in one pool (the index a full
+    /// reconcile reads). Added by agents; stale members removed by proxies.
+    pub fn pool_servers(&self, pool: &str) -> String {
+        format!("{}:pool:{pool}:servers", self.prefix)
+    }
+
+    /// Pub/sub channel of [`crate::wire::RegistryEvent`]s.
+    pub fn registry_channel(&self) -> String {
+        format!("{}:registry", self.prefix)
+    }
+
+    /// HASH: the owner of one match (`server`, `token`, `previous`,
+    /// `claimedAt`, `proxy`), with the match TTL. Written by proxies through
+    /// the claim script, removed by the agent when the match ends.
+    pub fn match_owner(&self, pool: &str, id: &str) -> String {
+        format!("{}:match:{{{pool}:{id}}}:owner", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_match_keys_share_a_hash_tag() {
+        let k = Keys::new("kp5");
+        assert_eq!(k.server("s1"), "kp5:server:s1");
+        assert_eq!(
+            k.match_owner("matches", "42"),
+            "kp5:match:{matches:42}:owner"
+        );
+        assert_eq!(k.pool_servers("matches"), "kp5:pool:matches:servers");
+    }
+}
