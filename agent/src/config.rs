@@ -1,36 +1,32 @@
-//! `kp5-agent`: the sidecar next to each match server. This part holds its
-//! configuration (SPEC §3.2); registration, heartbeats and the local API
-//! build on it.
-#![forbid(unsafe_code)]
+//! The agent's configuration (SPEC §3.2): a TOML file, where every key can
+//! also be given as a flag or an environment variable (flags and variables
+//! win over the file).
 
-use kp5_shared::Env;
+use kp5_shared::{ConfigError, Env};
 use serde::Deserialize;
 use std::net::SocketAddr;
+use std::time::Duration;
 
-pub use kp5_shared::ConfigError;
-
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
+    #[serde(default)]
     agent: RawAgent,
     redis: Option<RawRedis>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAgent {
     server_id: Option<String>,
-    #[serde(default = "d_pool")]
-    pool: String,
-    advertise: String,
-    #[serde(default = "d_listen")]
-    listen: String,
-    #[serde(default = "d_one")]
-    weight: u32,
-    #[serde(default = "d_hb")]
-    heartbeat_interval_ms: u64,
-    #[serde(default = "d_ttl")]
-    heartbeat_ttl_ms: u64,
+    pool: Option<String>,
+    advertise: Option<String>,
+    listen: Option<String>,
+    weight: Option<u32>,
+    max_connections: Option<u64>,
+    max_matches: Option<u64>,
+    heartbeat_interval_ms: Option<u64>,
+    heartbeat_ttl_ms: Option<u64>,
     load: Option<RawLoad>,
 }
 
@@ -41,26 +37,33 @@ struct RawLoad {
     url: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRedis {
-    url: String,
+    url: Option<String>,
+    password: Option<String>,
+    db: Option<u32>,
+    key_prefix: Option<String>,
+    timeout_ms: Option<u64>,
 }
 
-fn d_pool() -> String {
-    "matches".into()
-}
-fn d_listen() -> String {
-    "127.0.0.1:9902".into()
-}
-fn d_one() -> u32 {
-    1
-}
-fn d_hb() -> u64 {
-    1000
-}
-fn d_ttl() -> u64 {
-    3000
+/// Values given as flags or environment variables; each wins over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub server_id: Option<String>,
+    pub pool: Option<String>,
+    pub advertise: Option<String>,
+    pub listen: Option<String>,
+    pub weight: Option<u32>,
+    pub max_connections: Option<u64>,
+    pub max_matches: Option<u64>,
+    pub heartbeat_interval_ms: Option<u64>,
+    pub heartbeat_ttl_ms: Option<u64>,
+    /// "push" or "scrape".
+    pub load_source: Option<String>,
+    pub load_url: Option<String>,
+    pub redis_url: Option<String>,
+    pub redis_key_prefix: Option<String>,
 }
 
 /// Where live load comes from.
@@ -68,8 +71,15 @@ fn d_ttl() -> u64 {
 pub enum LoadSource {
     /// The match server calls `PUT /v1/load`.
     Push,
-    /// The agent reads the match server's stats URL.
+    /// The agent reads the match server's stats URL (JSON or Prometheus text).
     Scrape { url: String },
+}
+
+/// Redis settings of the agent.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub target: kp5_shared::redis::RedisTarget,
+    pub key_prefix: String,
 }
 
 /// A checked agent configuration.
@@ -80,10 +90,13 @@ pub struct Config {
     pub advertise: String,
     pub listen: SocketAddr,
     pub weight: u32,
-    pub heartbeat_interval_ms: u64,
-    pub heartbeat_ttl_ms: u64,
+    pub max_connections: Option<u64>,
+    pub max_matches: Option<u64>,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_ttl: Duration,
     pub load: LoadSource,
-    pub redis_url: Option<String>,
+    /// Absent: the agent serves its local API but registers nowhere.
+    pub redis: Option<RedisConfig>,
 }
 
 fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
@@ -92,72 +105,187 @@ fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
 
 impl Config {
     pub fn load(path: &std::path::Path, env: &dyn Env) -> Result<Config, ConfigError> {
-        Self::from_toml(&kp5_shared::config::read(path)?, env)
+        Self::build(&kp5_shared::config::read(path)?, env, Overrides::default())
     }
 
     pub fn from_toml(text: &str, env: &dyn Env) -> Result<Config, ConfigError> {
+        Self::build(text, env, Overrides::default())
+    }
+
+    /// File text (may be empty), then the seed's environment variables,
+    /// then `o` (flags and `KP5_AGENT_*` variables).
+    pub fn build(text: &str, env: &dyn Env, o: Overrides) -> Result<Config, ConfigError> {
         let raw: RawConfig = kp5_shared::config::parse_toml(text)?;
         let a = raw.agent;
-        let server_id = a
+        let server_id = o
             .server_id
+            .or(a.server_id)
             .or_else(|| env.get("HOSTNAME"))
+            .filter(|s| !s.is_empty())
             .ok_or_else(|| invalid("agent.server_id", "not set and $HOSTNAME is empty"))?;
-        let listen = a
-            .listen
-            .parse()
-            .map_err(|_| invalid("agent.listen", format!("{:?} is not IP:PORT", a.listen)))?;
-        if a.advertise
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse::<u16>().ok())
-            .is_none()
+        if server_id.contains(|c: char| c.is_whitespace() || c.is_control()) {
+            return Err(invalid(
+                "agent.server_id",
+                format!("{server_id:?} must not contain spaces"),
+            ));
+        }
+        let pool = o.pool.or(a.pool).unwrap_or_else(|| "matches".into());
+        if pool.is_empty() || pool.contains(['{', '}', ' ', ':']) {
+            return Err(invalid(
+                "agent.pool",
+                format!("{pool:?} must be non-empty, without braces, colons or spaces"),
+            ));
+        }
+        let advertise = o
+            .advertise
+            .or(a.advertise)
+            .ok_or_else(|| invalid("agent.advertise", "required: HOST:PORT of the match server"))?;
+        if advertise.parse::<http::uri::Authority>().is_err()
+            || advertise
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
         {
             return Err(invalid(
                 "agent.advertise",
-                format!("{:?} is not HOST:PORT", a.advertise),
+                format!("{advertise:?} is not HOST:PORT"),
             ));
         }
-        if a.weight == 0 || a.weight > 1000 {
+        let listen_text = o
+            .listen
+            .or(a.listen)
+            .unwrap_or_else(|| "127.0.0.1:9902".into());
+        let listen = listen_text
+            .parse()
+            .map_err(|_| invalid("agent.listen", format!("{listen_text:?} is not IP:PORT")))?;
+        let weight = o.weight.or(a.weight).unwrap_or(1);
+        if weight == 0 || weight > 1000 {
             return Err(invalid(
                 "agent.weight",
-                format!("{} is outside 1..=1000", a.weight),
+                format!("{weight} is outside 1..=1000"),
             ));
         }
-        if a.heartbeat_interval_ms == 0 || a.heartbeat_ttl_ms <= a.heartbeat_interval_ms {
+        let max_connections = o.max_connections.or(a.max_connections);
+        let max_matches = o.max_matches.or(a.max_matches);
+        for (field, v) in [
+            ("agent.max_connections", max_connections),
+            ("agent.max_matches", max_matches),
+        ] {
+            if v == Some(0) {
+                return Err(invalid(field, "must be at least 1 (or left out)"));
+            }
+        }
+        let interval = o
+            .heartbeat_interval_ms
+            .or(a.heartbeat_interval_ms)
+            .unwrap_or(1000);
+        let ttl = o.heartbeat_ttl_ms.or(a.heartbeat_ttl_ms).unwrap_or(3000);
+        if !(10..=60_000).contains(&interval) {
+            return Err(invalid(
+                "agent.heartbeat_interval_ms",
+                format!("{interval} is outside 10..=60000"),
+            ));
+        }
+        if ttl <= interval || ttl > 600_000 {
             return Err(invalid(
                 "agent.heartbeat_ttl_ms",
-                "must be greater than heartbeat_interval_ms (which must be > 0)",
+                format!("{ttl} must be greater than heartbeat_interval_ms ({interval}) and at most 600000"),
             ));
         }
-        let load = match a.load {
-            None => LoadSource::Push,
-            Some(l) => match (l.source.as_str(), l.url) {
-                ("push", _) => LoadSource::Push,
-                ("scrape", Some(url)) => LoadSource::Scrape { url },
-                ("scrape", None) => {
+        let (source, url) = match (o.load_source, a.load) {
+            (Some(s), file) => (s, o.load_url.or(file.and_then(|l| l.url))),
+            (None, Some(l)) => (l.source, o.load_url.or(l.url)),
+            (None, None) => ("push".into(), o.load_url),
+        };
+        let load = match (source.as_str(), url) {
+            ("push", _) => LoadSource::Push,
+            ("scrape", Some(url)) => {
+                if !url.starts_with("http://") {
                     return Err(invalid(
                         "agent.load.url",
-                        "required when source = \"scrape\"",
-                    ))
+                        format!("{url:?} must be an http:// URL"),
+                    ));
                 }
-                (other, _) => {
-                    return Err(invalid(
-                        "agent.load.source",
-                        format!("{other:?}: expected \"push\" or \"scrape\""),
-                    ))
-                }
-            },
+                LoadSource::Scrape { url }
+            }
+            ("scrape", None) => {
+                return Err(invalid(
+                    "agent.load.url",
+                    "required when source = \"scrape\"",
+                ))
+            }
+            (other, _) => {
+                return Err(invalid(
+                    "agent.load.source",
+                    format!("{other:?}: expected \"push\" or \"scrape\""),
+                ))
+            }
         };
-        let redis_url = env.get("REDIS_URL").or(raw.redis.map(|r| r.url));
+        let mut r = raw.redis.unwrap_or_default();
+        if let Some(u) = o.redis_url.or_else(|| env.get("REDIS_URL")) {
+            r.url = Some(u);
+        }
+        if let Some(pw) = env.get("REDIS_PASSWORD") {
+            r.password = Some(pw);
+        }
+        if let Some(db) = kp5_shared::env::parse_var(env, "REDIS_DB", |s| s.parse::<u32>())
+            .map_err(ConfigError::Env)?
+        {
+            r.db = Some(db);
+        }
+        if let Some(p) = o.redis_key_prefix {
+            r.key_prefix = Some(p);
+        }
+        let redis = match r.url {
+            None => None,
+            Some(url) => {
+                if !(url.starts_with("redis://")
+                    || url.starts_with("rediss://")
+                    || url.starts_with("unix://")
+                    || url.starts_with("redis+unix://"))
+                {
+                    return Err(invalid(
+                        "redis.url",
+                        "must start with redis://, rediss:// or unix://",
+                    ));
+                }
+                let key_prefix = r.key_prefix.unwrap_or_else(|| "kp5".into());
+                if key_prefix.is_empty() || key_prefix.contains(['{', '}', ' ']) {
+                    return Err(invalid(
+                        "redis.key_prefix",
+                        format!("{key_prefix:?} must be non-empty, without braces or spaces"),
+                    ));
+                }
+                let timeout_ms = r.timeout_ms.unwrap_or(500);
+                if !(10..=60_000).contains(&timeout_ms) {
+                    return Err(invalid(
+                        "redis.timeout_ms",
+                        format!("{timeout_ms} is outside 10..=60000"),
+                    ));
+                }
+                Some(RedisConfig {
+                    target: kp5_shared::redis::RedisTarget {
+                        url,
+                        password: r.password,
+                        db: r.db,
+                        timeout: Duration::from_millis(timeout_ms),
+                    },
+                    key_prefix,
+                })
+            }
+        };
         Ok(Config {
             server_id,
-            pool: a.pool,
-            advertise: a.advertise,
+            pool,
+            advertise,
             listen,
-            weight: a.weight,
-            heartbeat_interval_ms: a.heartbeat_interval_ms,
-            heartbeat_ttl_ms: a.heartbeat_ttl_ms,
+            weight,
+            max_connections,
+            max_matches,
+            heartbeat_interval: Duration::from_millis(interval),
+            heartbeat_ttl: Duration::from_millis(ttl),
             load,
-            redis_url,
+            redis,
         })
     }
 }
@@ -174,6 +302,7 @@ mod tests {
         let c = Config::from_toml(text, &env).unwrap();
         assert_eq!(c.server_id, "box-1");
         assert_eq!(c.load, LoadSource::Push);
+        assert!(c.redis.is_none());
         let e = Config::from_toml("[agent]\nadvertise = \"nope\"\nserver_id = \"a\"\n", &env)
             .unwrap_err();
         assert!(e.to_string().contains("agent.advertise"), "{e}");
@@ -183,5 +312,37 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("agent.load.url"), "{e}");
+        let e = Config::from_toml(
+            "[agent]\nadvertise = \"h:1\"\nheartbeat_interval_ms = 1000\nheartbeat_ttl_ms = 500\n",
+            &env,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("agent.heartbeat_ttl_ms"), "{e}");
+    }
+
+    #[test]
+    fn flags_and_env_win_over_the_file() {
+        let text = "[agent]\nserver_id = \"file\"\nadvertise = \"127.0.0.1:3001\"\n[redis]\nurl = \"redis://file:1\"\n";
+        let env = MapEnv::new().with("REDIS_URL", "redis://env:2");
+        let o = Overrides {
+            server_id: Some("flag".into()),
+            load_source: Some("scrape".into()),
+            load_url: Some("http://127.0.0.1:3001/stats".into()),
+            ..Overrides::default()
+        };
+        let c = Config::build(text, &env, o).unwrap();
+        assert_eq!(c.server_id, "flag");
+        assert_eq!(c.redis.unwrap().target.url, "redis://env:2");
+        assert!(matches!(c.load, LoadSource::Scrape { .. }));
+        // everything from flags, no file at all
+        let o = Overrides {
+            server_id: Some("s".into()),
+            advertise: Some("127.0.0.1:1".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            Config::build("", &MapEnv::new(), o).unwrap().advertise,
+            "127.0.0.1:1"
+        );
     }
 }

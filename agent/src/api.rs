@@ -1,0 +1,243 @@
+//! The agent's local API for its match server (SPEC §3.4): load pushes,
+//! drain, status, metrics and liveness. Bad input gets 400 naming the field.
+
+use crate::registry::Agent;
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use std::convert::Infallible;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Largest request body the API reads.
+const MAX_BODY: usize = 64 * 1024;
+
+type Resp = Response<Full<Bytes>>;
+
+pub async fn serve(listener: TcpListener, agent: Arc<Agent>, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let agent = agent.clone();
+                async move { Ok::<_, Infallible>(route(req, &agent).await) }
+            });
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10));
+            if let Err(e) = b.serve_connection(TokioIo::new(stream), svc).await {
+                tracing::debug!(error = %e, "API connection ended with an error");
+            }
+        });
+    }
+}
+
+fn json_response(status: StatusCode, body: serde_json::Value) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Resp {
+    json_response(
+        status,
+        json!({ "error": message.into(), "status": status.as_u16() }),
+    )
+}
+
+async fn read_json(req: Request<Incoming>) -> Result<serde_json::Value, Resp> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                error(StatusCode::PAYLOAD_TOO_LARGE, "body over 64 KiB")
+            } else {
+                error(StatusCode::BAD_REQUEST, format!("reading the body: {e}"))
+            }
+        })?
+        .to_bytes();
+    if body.is_empty() {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("body is not JSON: {e}")))
+}
+
+/// A non-negative integer field, absent allowed.
+fn count(v: &serde_json::Value, field: &str) -> Result<Option<u64>, String> {
+    match v.get(field) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(x) => x
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| format!("{field}: must be a non-negative integer")),
+    }
+}
+
+async fn route(req: Request<Incoming>, agent: &Arc<Agent>) -> Resp {
+    let path = req.uri().path().to_owned();
+    match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/healthz") => json_response(StatusCode::OK, json!({ "status": "ok" })),
+        (Method::GET, "/metrics") => metrics(agent),
+        (Method::GET, "/v1/status") => json_response(StatusCode::OK, status(agent)),
+        (Method::PUT, "/v1/load") => {
+            let v = match read_json(req).await {
+                Ok(v) => v,
+                Err(r) => return r,
+            };
+            if !v.is_object() {
+                return error(StatusCode::BAD_REQUEST, "body must be a JSON object");
+            }
+            let (c, m) = match (count(&v, "connections"), count(&v, "matches")) {
+                (Ok(c), Ok(m)) => (c, m),
+                (Err(e), _) | (_, Err(e)) => return error(StatusCode::BAD_REQUEST, e),
+            };
+            if c.is_none() && m.is_none() {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "connections: required (with or without matches)",
+                );
+            }
+            agent.set_load(c, m);
+            let rec = agent.record();
+            json_response(
+                StatusCode::OK,
+                json!({ "connections": rec.connections, "matches": rec.matches }),
+            )
+        }
+        (Method::POST, "/v1/drain") => {
+            agent.set_draining(true);
+            json_response(StatusCode::OK, json!({ "draining": true }))
+        }
+        (Method::DELETE, "/v1/drain") => {
+            agent.set_draining(false);
+            json_response(StatusCode::OK, json!({ "draining": false }))
+        }
+        (_, "/healthz" | "/metrics" | "/v1/status" | "/v1/load" | "/v1/drain") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
+        }
+        _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
+    }
+}
+
+fn status(agent: &Agent) -> serde_json::Value {
+    let rec = agent.record();
+    json!({
+        "server": rec,
+        "redis": {
+            "configured": agent.cfg.redis.is_some(),
+            "connected": agent.redis_up(),
+            "url": agent.cfg.redis.as_ref().map(|r| r.target.redacted_url()),
+            "lastHeartbeat": agent.last_heartbeat(),
+            "lastError": agent.last_error(),
+        },
+        "heartbeats": agent.heartbeats.load(Relaxed),
+        "heartbeatFailures": agent.heartbeat_failures.load(Relaxed),
+        "scrapeFailures": agent.scrape_failures.load(Relaxed),
+    })
+}
+
+fn metrics(agent: &Agent) -> Resp {
+    let rec = agent.record();
+    let mut reg = Registry::with_prefix("kp5_agent");
+    let gauge = |reg: &mut Registry, name: &str, help: &str, v: i64| {
+        let g: Gauge = Gauge::default();
+        g.set(v);
+        reg.register(name, help, g);
+    };
+    let counter = |reg: &mut Registry, name: &str, help: &str, v: u64| {
+        let c: Counter = Counter::default();
+        c.inc_by(v);
+        reg.register(name, help, c);
+    };
+    gauge(
+        &mut reg,
+        "connections",
+        "Connections the match server reported (-1 before its first report).",
+        rec.connections.map_or(-1, |c| c as i64),
+    );
+    gauge(
+        &mut reg,
+        "matches",
+        "Matches the match server reported (-1 before its first report).",
+        rec.matches.map_or(-1, |c| c as i64),
+    );
+    gauge(
+        &mut reg,
+        "cpu_permille",
+        "Machine CPU use, permille of all cores.",
+        (rec.cpu * 10.0) as i64,
+    );
+    gauge(
+        &mut reg,
+        "memory_permille",
+        "Machine memory in use, permille.",
+        (rec.memory * 10.0) as i64,
+    );
+    gauge(
+        &mut reg,
+        "draining",
+        "1 while the server is draining.",
+        i64::from(rec.draining),
+    );
+    gauge(
+        &mut reg,
+        "redis_up",
+        "1 while heartbeats reach Redis.",
+        i64::from(agent.redis_up()),
+    );
+    counter(
+        &mut reg,
+        "heartbeats",
+        "Heartbeats written to Redis.",
+        agent.heartbeats.load(Relaxed),
+    );
+    counter(
+        &mut reg,
+        "heartbeat_failures",
+        "Heartbeats that failed to reach Redis.",
+        agent.heartbeat_failures.load(Relaxed),
+    );
+    counter(
+        &mut reg,
+        "scrape_failures",
+        "Failed reads of the match server's stats URL.",
+        agent.scrape_failures.load(Relaxed),
+    );
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &reg) {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    }
+    let mut r = Response::new(Full::new(Bytes::from(out)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}
