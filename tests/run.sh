@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command: installs what the tests need (Node.js for the
-# Socket.IO clients and servers), builds every binary, runs every test.
+# Socket.IO clients and servers, redis-server for the cluster tests), builds
+# every binary, runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +15,10 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
-have node && have npm || apt_install nodejs npm
+missing=()
+have node && have npm || missing+=(nodejs npm)
+have redis-server || missing+=(redis-server)
+[ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
 
 cargo build --workspace --bins --locked

@@ -1,7 +1,9 @@
 //! A small match server: what a KP5 match server looks like to the proxy.
 //!
 //! - `GET /health` → 200 (503 after [`DemoServer::set_healthy`]`(false)`)
-//! - `GET /stats` → `{"server","connections","websockets"}`
+//! - `GET /stats` → `{"server","connections","websockets","matches"}`:
+//!   open WebSockets, and the distinct match ids among them (from a
+//!   `/matches/{id}` path prefix or a `matchId` query parameter)
 //! - any WebSocket upgrade → echo; a text `close:CODE:REASON` makes the
 //!   server close with that code and reason
 //! - `/status/NNN` → that status
@@ -35,6 +37,54 @@ pub struct DemoStats {
     pub websockets: AtomicU64,
     pub websockets_total: AtomicU64,
     pub ws_messages: AtomicU64,
+    /// Open WebSockets per match id.
+    pub matches: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+impl DemoStats {
+    /// Matches with at least one open WebSocket.
+    pub fn match_count(&self) -> usize {
+        self.matches.lock().unwrap().len()
+    }
+
+    /// Ids of the matches with open WebSockets.
+    pub fn match_ids(&self) -> Vec<String> {
+        self.matches.lock().unwrap().keys().cloned().collect()
+    }
+
+    fn open_match(&self, id: &str) {
+        *self
+            .matches
+            .lock()
+            .unwrap()
+            .entry(id.to_owned())
+            .or_default() += 1;
+    }
+
+    fn close_match(&self, id: &str) {
+        let mut m = self.matches.lock().unwrap();
+        if let Some(n) = m.get_mut(id) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(id);
+            }
+        }
+    }
+}
+
+/// The match id of a request, as the demo understands it.
+fn match_of(uri: &http::Uri) -> Option<String> {
+    if let Some(rest) = uri.path().strip_prefix("/matches/") {
+        let id = rest.split('/').next().unwrap_or("");
+        if !id.is_empty() {
+            return Some(id.to_owned());
+        }
+    }
+    uri.query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("matchId="))
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
 }
 
 /// A running demo match server.
@@ -178,6 +228,7 @@ async fn handle(
             "server": ctx.id,
             "connections": ctx.stats.websockets.load(Relaxed),
             "websockets": ctx.stats.websockets.load(Relaxed),
+            "matches": ctx.stats.match_count(),
             "requests": ctx.stats.requests.load(Relaxed),
         });
         return Ok(full(
@@ -191,19 +242,26 @@ async fn handle(
         let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
         let on_upgrade = hyper::upgrade::on(&mut req);
         let stats = ctx.stats.clone();
+        let match_id = match_of(req.uri());
+        if let Some(m) = &match_id {
+            stats.open_match(m);
+        }
+        stats.websockets.fetch_add(1, Relaxed);
+        stats.websockets_total.fetch_add(1, Relaxed);
         tasks.spawn(async move {
-            let Ok(upgraded) = on_upgrade.await else {
-                return;
-            };
-            let ws =
-                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
-            stats.websockets.fetch_add(1, Relaxed);
-            stats.websockets_total.fetch_add(1, Relaxed);
-            tokio::select! {
-                _ = echo(ws, &stats) => {}
-                _ = stop.cancelled() => {}
+            if let Ok(upgraded) = on_upgrade.await {
+                let ws =
+                    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
+                        .await;
+                tokio::select! {
+                    _ = echo(ws, &stats) => {}
+                    _ = stop.cancelled() => {}
+                }
             }
             stats.websockets.fetch_sub(1, Relaxed);
+            if let Some(m) = &match_id {
+                stats.close_match(m);
+            }
         });
         let mut r = full(
             StatusCode::SWITCHING_PROTOCOLS,

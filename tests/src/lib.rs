@@ -2,5 +2,6 @@
 //! health and stats endpoints) used by the README's demo and as the real
 //! backend of the tests, plus helpers to start proxies and clients.
 
+pub mod cluster;
 pub mod demo;
 pub mod support;
