@@ -101,8 +101,8 @@ impl Agent {
             heartbeat_ttl_ms: c.heartbeat_ttl.as_millis() as u64,
             connections: opt(self.connections.load(Relaxed)),
             matches: opt(self.matches.load(Relaxed)),
-            cpu: self.cpu_permille.load(Relaxed) as f32 / 10.0,
-            memory: self.memory_permille.load(Relaxed) as f32 / 10.0,
+            cpu: self.cpu_permille.load(Relaxed) as f64 / 10.0,
+            memory: self.memory_permille.load(Relaxed) as f64 / 10.0,
             draining: self.draining.load(Relaxed),
         }
     }

@@ -44,9 +44,9 @@ pub struct ServerStats {
     pub reported_matches: Option<u64>,
     /// Machine CPU and memory use (percent) from the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpu: Option<f32>,
+    pub cpu: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory: Option<f32>,
+    pub memory: Option<f64>,
     pub max_connections: u64,
     pub max_matches: u64,
     /// How many times the strategy chose this server.
@@ -84,10 +84,10 @@ pub struct ServerRecord {
     pub connections: Option<u64>,
     #[serde(default)]
     pub matches: Option<u64>,
-    /// Machine CPU use, percent of all cores.
-    pub cpu: f32,
-    /// Machine memory in use, percent.
-    pub memory: f32,
+    /// Machine CPU use, percent of all cores (one decimal).
+    pub cpu: f64,
+    /// Machine memory in use, percent (one decimal).
+    pub memory: f64,
     pub draining: bool,
 }
 

@@ -251,6 +251,7 @@ async fn least_matches_balances_matches_opened_through_both_proxies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_connection_of_a_match_reaches_one_server_through_any_proxy() {
     let c = cluster("least_connections", "").await;
+    let hc = client();
     // 400 connections for 40 matches, each through a random proxy, 40 at a time
     let mut owner: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut open = Vec::new();
@@ -282,6 +283,32 @@ async fn every_connection_of_a_match_reaches_one_server_through_any_proxy() {
     let all = futures_util::future::join_all(first).await;
     let servers: BTreeSet<&String> = all.iter().map(|(_, s)| s).collect();
     assert_eq!(servers.len(), 1, "one server for the stampede: {servers:?}");
+    // the owner is on record, the same through either proxy
+    let a = admin(
+        &hc,
+        &c.proxies[0],
+        "/api/scaling/distributed/matches/stampede",
+    )
+    .await;
+    let b = admin(
+        &hc,
+        &c.proxies[1],
+        "/api/scaling/distributed/matches/stampede",
+    )
+    .await;
+    assert_eq!(a["owner"], b["owner"]);
+    assert_eq!(
+        &a["owner"]["server"],
+        servers.into_iter().next().unwrap().as_str()
+    );
+    // unknown matches are 404, and the endpoint wants the token
+    let url = format!(
+        "http://{}/api/scaling/distributed/matches/never-seen",
+        c.proxies[0].admin
+    );
+    let got = get_with(&hc, &url, &[("authorization", "Bearer test-token")]).await;
+    assert_eq!(got.status, 404);
+    assert_eq!(get(&hc, &url).await.status, 401);
     drop((open, all));
 }
 

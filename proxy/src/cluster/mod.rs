@@ -242,6 +242,9 @@ impl Cluster {
         if !fresh {
             return false;
         }
+        if !known.contains_key(&rec.id) {
+            tracing::info!(server = %rec.id, address = %rec.address, pool = %rec.pool, "server registered");
+        }
         if let Some(state) = shared.live.get(&rec.id) {
             apply_load(&state, &rec);
         }
@@ -288,10 +291,11 @@ fn apply_load(state: &crate::state::ServerState, rec: &ServerRecord) {
     state.apply_report(rec.connections, rec.matches);
     state
         .cpu_permille
-        .store((rec.cpu.clamp(0.0, 100.0) * 10.0) as u32, Relaxed);
-    state
-        .memory_permille
-        .store((rec.memory.clamp(0.0, 100.0) * 10.0) as u32, Relaxed);
+        .store((rec.cpu.clamp(0.0, 100.0) * 10.0).round() as u32, Relaxed);
+    state.memory_permille.store(
+        (rec.memory.clamp(0.0, 100.0) * 10.0).round() as u32,
+        Relaxed,
+    );
     state.draining.store(rec.draining, Relaxed);
 }
 
@@ -385,7 +389,6 @@ fn on_event(shared: &Arc<Shared>, cluster: &Cluster, ev: RegistryEvent) {
         RegistryEvent::Heartbeat { server } => {
             let id = server.id.clone();
             if cluster.apply_record(shared, server.clone(), now) {
-                tracing::info!(server = %id, address = %server.address, pool = %server.pool, "server registered");
                 shared.rebuild();
                 if let Some(state) = shared.live.get(&id) {
                     apply_load(&state, &server);
