@@ -23,6 +23,9 @@ use tokio_util::task::TaskTracker;
 
 /// A load figure not reported yet.
 const NONE: u64 = u64::MAX;
+/// Beats triggered by changes (load pushes, drain) come at most this often,
+/// so a match server pushing on every join cannot flood Redis and proxies.
+const MIN_GAP: Duration = Duration::from_millis(50);
 
 /// Everything the agent knows and reports.
 pub struct Agent {
@@ -319,12 +322,21 @@ async fn heartbeat(agent: Arc<Agent>, stop: CancellationToken) {
     let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut tick = tokio::time::interval(agent.cfg.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = tokio::time::Instant::now();
     loop {
         let scheduled = tokio::select! {
             _ = tick.tick() => true,
             _ = agent.wake.notified() => false,
             _ = stop.cancelled() => return,
         };
+        if !scheduled {
+            // coalesce bursts of changes into one beat
+            tokio::select! {
+                _ = tokio::time::sleep_until(last + MIN_GAP) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+        last = tokio::time::Instant::now();
         if scheduled {
             let (cpu, mem) = machine.sample();
             agent

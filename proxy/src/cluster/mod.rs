@@ -213,6 +213,14 @@ impl Cluster {
         r
     }
 
+    /// Is server `id` registered (its heartbeat record alive) in Redis?
+    pub async fn registered(&self, id: &str) -> redis::RedisResult<bool> {
+        redis::cmd("EXISTS")
+            .arg(self.keys.server(id))
+            .query_async(&mut self.conn())
+            .await
+    }
+
     /// The owner record of a match, read from Redis.
     pub async fn owner(&self, pool: &str, id: &str) -> redis::RedisResult<Option<claim::Owner>> {
         let v: HashMap<String, String> = redis::cmd("HGETALL")

@@ -206,7 +206,13 @@ async fn place_in_cluster(
                 if claimed.server.is_empty() {
                     return Err(ProxyError::NoCapacity);
                 }
-                // owned by a server this proxy does not know (yet): gone here
+                // owned by a server this proxy does not know: one that has
+                // just registered (its heartbeat is on the way) keeps the
+                // match; one without a live record is gone
+                if cluster.registered(&claimed.server).await.unwrap_or(false) {
+                    tracing::info!(match_id = id, server = %claimed.server, "match owned by a server not known here yet");
+                    return Err(ProxyError::NoCapacity);
+                }
                 replace = Some(claimed.token);
                 continue;
             };
