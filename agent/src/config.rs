@@ -239,23 +239,10 @@ impl Config {
         let redis = match r.url {
             None => None,
             Some(url) => {
-                if !(url.starts_with("redis://")
-                    || url.starts_with("rediss://")
-                    || url.starts_with("unix://")
-                    || url.starts_with("redis+unix://"))
-                {
-                    return Err(invalid(
-                        "redis.url",
-                        "must start with redis://, rediss:// or unix://",
-                    ));
-                }
+                kp5_shared::redis::check_url(&url).map_err(|m| invalid("redis.url", m))?;
                 let key_prefix = r.key_prefix.unwrap_or_else(|| "kp5".into());
-                if key_prefix.is_empty() || key_prefix.contains(['{', '}', ' ']) {
-                    return Err(invalid(
-                        "redis.key_prefix",
-                        format!("{key_prefix:?} must be non-empty, without braces or spaces"),
-                    ));
-                }
+                kp5_shared::redis::check_key_prefix(&key_prefix)
+                    .map_err(|m| invalid("redis.key_prefix", m))?;
                 let timeout_ms = r.timeout_ms.unwrap_or(500);
                 if !(10..=60_000).contains(&timeout_ms) {
                     return Err(invalid(

@@ -21,6 +21,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use kp5_shared::StartError;
+
 /// A load figure not reported yet.
 const NONE: u64 = u64::MAX;
 /// Beats triggered by changes (load pushes, drain) come at most this often,
@@ -131,14 +133,12 @@ impl Agent {
 
     /// One heartbeat: record with TTL, pool index, event.
     async fn beat(&self) -> Result<(), String> {
-        let Some(conn) = &self.redis else {
+        if self.redis.is_none() {
             return Ok(());
-        };
+        }
         self.seq.fetch_add(1, Relaxed);
         let rec = self.record();
         let json = serde_json::to_string(&rec).map_err(|e| e.to_string())?;
-        let event = serde_json::to_string(&RegistryEvent::Heartbeat { server: rec })
-            .map_err(|e| e.to_string())?;
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
             .arg(self.keys.server(&self.cfg.server_id))
@@ -149,27 +149,14 @@ impl Agent {
             .cmd("SADD")
             .arg(self.keys.pool_servers(&self.cfg.pool))
             .arg(&self.cfg.server_id)
-            .ignore()
-            .cmd("PUBLISH")
-            .arg(self.keys.registry_channel())
-            .arg(event)
             .ignore();
-        pipe.query_async::<()>(&mut conn.clone())
+        self.send(pipe, &RegistryEvent::Heartbeat { server: rec })
             .await
-            .map_err(|e| e.to_string())
     }
 
     /// Removes the record and tells the proxies, so they stop at once
     /// instead of waiting for the TTL.
     async fn deregister(&self) -> Result<(), String> {
-        let Some(conn) = &self.redis else {
-            return Ok(());
-        };
-        let event = serde_json::to_string(&RegistryEvent::Down {
-            id: self.cfg.server_id.clone(),
-            pool: self.cfg.pool.clone(),
-        })
-        .map_err(|e| e.to_string())?;
         let mut pipe = redis::pipe();
         pipe.cmd("DEL")
             .arg(self.keys.server(&self.cfg.server_id))
@@ -177,34 +164,29 @@ impl Agent {
             .cmd("SREM")
             .arg(self.keys.pool_servers(&self.cfg.pool))
             .arg(&self.cfg.server_id)
-            .ignore()
-            .cmd("PUBLISH")
+            .ignore();
+        let down = RegistryEvent::Down {
+            id: self.cfg.server_id.clone(),
+            pool: self.cfg.pool.clone(),
+        };
+        self.send(pipe, &down).await
+    }
+
+    /// Runs `pipe` and publishes `event` after it, in one round trip (the
+    /// connection's response timeout bounds it).
+    async fn send(&self, mut pipe: redis::Pipeline, event: &RegistryEvent) -> Result<(), String> {
+        let Some(conn) = &self.redis else {
+            return Ok(());
+        };
+        let event = serde_json::to_string(event).map_err(|e| e.to_string())?;
+        pipe.cmd("PUBLISH")
             .arg(self.keys.registry_channel())
             .arg(event)
             .ignore();
-        let r = tokio::time::timeout(
-            Duration::from_secs(2),
-            pipe.query_async::<()>(&mut conn.clone()),
-        )
-        .await;
-        match r {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("timed out".into()),
-        }
+        pipe.query_async::<()>(&mut conn.clone())
+            .await
+            .map_err(|e| e.to_string())
     }
-}
-
-/// Errors that stop the agent from starting.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("[redis]: {0}")]
-    Redis(String),
 }
 
 /// A running agent.

@@ -148,17 +148,7 @@ pub struct ProxyHandle {
     tasks: TaskTracker,
 }
 
-/// Errors that stop the proxy from starting.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("[redis]: {0}")]
-    Redis(String),
-}
+pub use kp5_shared::StartError;
 
 /// Binds every listener and starts serving. Must run inside a Tokio runtime.
 pub async fn start(config: Config) -> Result<ProxyHandle, StartError> {

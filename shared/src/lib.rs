@@ -6,8 +6,10 @@ pub mod config;
 pub mod env;
 pub mod keys;
 pub mod redis;
+pub mod start;
 pub mod wire;
 
 pub use config::ConfigError;
 pub use env::{Env, MapEnv, ProcessEnv};
 pub use keys::Keys;
+pub use start::StartError;

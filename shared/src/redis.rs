@@ -24,6 +24,27 @@ impl RedisTarget {
     }
 }
 
+/// Checks a Redis URL's scheme (the client checks the rest on connect).
+pub fn check_url(url: &str) -> Result<(), String> {
+    const SCHEMES: [&str; 4] = ["redis://", "rediss://", "redis+unix://", "unix://"];
+    if SCHEMES.iter().any(|s| url.starts_with(s)) {
+        Ok(())
+    } else {
+        Err("must start with redis://, rediss:// or unix://".into())
+    }
+}
+
+/// Checks a key prefix: braces would break the Cluster hash tags.
+pub fn check_key_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.is_empty() || prefix.contains(['{', '}', ' ']) {
+        Err(format!(
+            "{prefix:?} must be non-empty, without braces or spaces"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 /// `redis://user:secret@host` → `redis://user:***@host`.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {

@@ -87,7 +87,7 @@ impl Cluster {
         settings: &RedisSettings,
     ) -> redis::RedisResult<(Arc<Cluster>, UnboundedReceiver<PushInfo>)> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let target = settings.target();
+        let target = settings.target.clone();
         let conn = kp5_shared::redis::connect(&target, Some(tx))?;
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "proxy".into());
         let cluster = Cluster {

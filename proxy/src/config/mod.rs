@@ -76,23 +76,10 @@ pub struct AdminSettings {
 /// `[redis]`.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
-    pub url: String,
-    pub password: Option<String>,
-    pub db: Option<u32>,
+    /// Where Redis is: url, password, db, command timeout.
+    pub target: kp5_shared::redis::RedisTarget,
     pub key_prefix: String,
-    pub timeout: Duration,
     pub reconcile_interval: Duration,
-}
-
-impl RedisSettings {
-    pub fn target(&self) -> kp5_shared::redis::RedisTarget {
-        kp5_shared::redis::RedisTarget {
-            url: self.url.clone(),
-            password: self.password.clone(),
-            db: self.db,
-            timeout: self.timeout,
-        }
-    }
 }
 
 /// `[log]`.

@@ -171,25 +171,9 @@ fn admin_settings(a: &RawAdmin) -> Result<AdminSettings, ConfigError> {
 }
 
 fn redis_settings(r: &RawRedis) -> Result<RedisSettings, ConfigError> {
-    if !(r.url.starts_with("redis://")
-        || r.url.starts_with("rediss://")
-        || r.url.starts_with("redis+unix://")
-        || r.url.starts_with("unix://"))
-    {
-        return Err(ConfigError::invalid(
-            "redis.url",
-            "must start with redis://, rediss:// or unix://",
-        ));
-    }
-    if r.key_prefix.is_empty() || r.key_prefix.contains(['{', '}', ' ']) {
-        return Err(ConfigError::invalid(
-            "redis.key_prefix",
-            format!(
-                "{:?} must be non-empty, without braces or spaces",
-                r.key_prefix
-            ),
-        ));
-    }
+    kp5_shared::redis::check_url(&r.url).map_err(|m| ConfigError::invalid("redis.url", m))?;
+    kp5_shared::redis::check_key_prefix(&r.key_prefix)
+        .map_err(|m| ConfigError::invalid("redis.key_prefix", m))?;
     if !(10..=60_000).contains(&r.timeout_ms) {
         return Err(ConfigError::invalid(
             "redis.timeout_ms",
@@ -203,11 +187,13 @@ fn redis_settings(r: &RawRedis) -> Result<RedisSettings, ConfigError> {
         ));
     }
     Ok(RedisSettings {
-        url: r.url.clone(),
-        password: r.password.clone(),
-        db: r.db,
+        target: kp5_shared::redis::RedisTarget {
+            url: r.url.clone(),
+            password: r.password.clone(),
+            db: r.db,
+            timeout: Duration::from_millis(r.timeout_ms),
+        },
         key_prefix: r.key_prefix.clone(),
-        timeout: Duration::from_millis(r.timeout_ms),
         reconcile_interval: Duration::from_millis(r.reconcile_interval_ms),
     })
 }
