@@ -4,6 +4,7 @@
 use crate::registry::Agent;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -22,7 +23,11 @@ use tokio_util::sync::CancellationToken;
 /// Largest request body the API reads.
 const MAX_BODY: usize = 64 * 1024;
 
-type Resp = Response<Full<Bytes>>;
+pub type Resp = Response<BoxBody<Bytes, Infallible>>;
+
+fn full(b: impl Into<Bytes>) -> BoxBody<Bytes, Infallible> {
+    Full::new(b.into()).boxed()
+}
 
 pub async fn serve(listener: TcpListener, agent: Arc<Agent>, stop: CancellationToken) {
     loop {
@@ -53,8 +58,8 @@ pub async fn serve(listener: TcpListener, agent: Arc<Agent>, stop: CancellationT
     }
 }
 
-fn json_response(status: StatusCode, body: serde_json::Value) -> Resp {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+pub fn json_response(status: StatusCode, body: serde_json::Value) -> Resp {
+    let mut r = Response::new(full(body.to_string()));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -63,7 +68,7 @@ fn json_response(status: StatusCode, body: serde_json::Value) -> Resp {
     r
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Resp {
+pub fn error(status: StatusCode, message: impl Into<String>) -> Resp {
     json_response(
         status,
         json!({ "error": message.into(), "status": status.as_u16() }),
@@ -140,6 +145,50 @@ async fn route(req: Request<Incoming>, agent: &Arc<Agent>) -> Resp {
             json_response(StatusCode::OK, json!({ "draining": false }))
         }
         (_, "/healthz" | "/metrics" | "/v1/status" | "/v1/load" | "/v1/drain") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
+        }
+        (method, p) => match p.strip_prefix("/v1/matches/") {
+            Some(rest) => match_route(req, agent, method, rest).await,
+            None => error(StatusCode::NOT_FOUND, "no such endpoint"),
+        },
+    }
+}
+
+/// `/v1/matches/:id[/state|/events]`.
+async fn match_route(
+    req: Request<Incoming>,
+    agent: &Arc<Agent>,
+    method: Method,
+    rest: &str,
+) -> Resp {
+    let (id, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    if !crate::matches::valid_id(id) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "matchId: 1 to 128 printable characters",
+        );
+    }
+    match (method, tail) {
+        (Method::GET, "state") => agent.get_state(id).await,
+        (Method::PUT, "state") => {
+            let (parts, body) = req.into_parts();
+            agent.write_state(id, false, &parts.headers, body).await
+        }
+        (Method::PATCH, "state") => {
+            let (parts, body) = req.into_parts();
+            agent.write_state(id, true, &parts.headers, body).await
+        }
+        (Method::GET, "events") => {
+            let last = req
+                .headers()
+                .get("last-event-id")
+                .and_then(|v| v.to_str().ok())
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty());
+            crate::matches::events(agent.clone(), id.to_owned(), last).await
+        }
+        (Method::DELETE, "") => agent.end_match(id).await,
+        (_, "state" | "events" | "") => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
         }
         _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
@@ -234,7 +283,7 @@ fn metrics(agent: &Agent) -> Resp {
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &reg) {
         return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     }
-    let mut r = Response::new(Full::new(Bytes::from(out)));
+    let mut r = Response::new(full(out));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -28,6 +28,9 @@ struct RawAgent {
     heartbeat_interval_ms: Option<u64>,
     heartbeat_ttl_ms: Option<u64>,
     load: Option<RawLoad>,
+    events_max_len: Option<u64>,
+    ended_retention_ms: Option<u64>,
+    idle_retention_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -64,6 +67,9 @@ pub struct Overrides {
     pub load_url: Option<String>,
     pub redis_url: Option<String>,
     pub redis_key_prefix: Option<String>,
+    pub events_max_len: Option<u64>,
+    pub ended_retention_ms: Option<u64>,
+    pub idle_retention_ms: Option<u64>,
 }
 
 /// Where live load comes from.
@@ -95,6 +101,12 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     pub heartbeat_ttl: Duration,
     pub load: LoadSource,
+    /// Match state: changes kept per match for resuming event streams.
+    pub events_max_len: u64,
+    /// State and events of an ended match are removed after this.
+    pub ended_retention: Duration,
+    /// State and events of a match nobody writes are removed after this.
+    pub idle_retention: Duration,
     /// Absent: the agent serves its local API but registers nowhere.
     pub redis: Option<RedisConfig>,
 }
@@ -221,6 +233,29 @@ impl Config {
                 ))
             }
         };
+        let events_max_len = o.events_max_len.or(a.events_max_len).unwrap_or(1000);
+        if !(10..=1_000_000).contains(&events_max_len) {
+            return Err(invalid(
+                "agent.events_max_len",
+                format!("{events_max_len} is outside 10..=1000000"),
+            ));
+        }
+        let ended = o
+            .ended_retention_ms
+            .or(a.ended_retention_ms)
+            .unwrap_or(3_600_000);
+        let idle = o
+            .idle_retention_ms
+            .or(a.idle_retention_ms)
+            .unwrap_or(86_400_000);
+        for (field, v) in [
+            ("agent.ended_retention_ms", ended),
+            ("agent.idle_retention_ms", idle),
+        ] {
+            if !(100..=30 * 86_400_000).contains(&v) {
+                return Err(invalid(field, format!("{v} is outside 100..=2592000000")));
+            }
+        }
         let mut r = raw.redis.unwrap_or_default();
         if let Some(u) = o.redis_url.or_else(|| env.get("REDIS_URL")) {
             r.url = Some(u);
@@ -272,6 +307,9 @@ impl Config {
             heartbeat_interval: Duration::from_millis(interval),
             heartbeat_ttl: Duration::from_millis(ttl),
             load,
+            events_max_len,
+            ended_retention: Duration::from_millis(ended),
+            idle_retention: Duration::from_millis(idle),
             redis,
         })
     }

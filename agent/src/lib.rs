@@ -8,6 +8,7 @@
 pub mod api;
 pub mod config;
 pub mod load;
+pub mod matches;
 pub mod registry;
 
 pub use config::{Config, LoadSource, Overrides};

@@ -55,6 +55,15 @@ struct Cli {
     /// [agent] load.url: the match server's stats URL (scrape).
     #[arg(long, env = "KP5_AGENT_LOAD_URL")]
     load_url: Option<String>,
+    /// [agent] events_max_len: changes kept per match for resuming event streams.
+    #[arg(long, env = "KP5_AGENT_EVENTS_MAX_LEN")]
+    events_max_len: Option<u64>,
+    /// [agent] ended_retention_ms: an ended match's state is kept this long.
+    #[arg(long, env = "KP5_AGENT_ENDED_RETENTION_MS")]
+    ended_retention_ms: Option<u64>,
+    /// [agent] idle_retention_ms: a match nobody writes expires after this.
+    #[arg(long, env = "KP5_AGENT_IDLE_RETENTION_MS")]
+    idle_retention_ms: Option<u64>,
     /// [redis] url (REDIS_URL also works).
     #[arg(long, env = "KP5_AGENT_REDIS_URL")]
     redis_url: Option<String>,
@@ -82,6 +91,9 @@ impl Cli {
             load_url: self.load_url.clone(),
             redis_url: self.redis_url.clone(),
             redis_key_prefix: self.redis_key_prefix.clone(),
+            events_max_len: self.events_max_len,
+            ended_retention_ms: self.ended_retention_ms,
+            idle_retention_ms: self.idle_retention_ms,
         }
     }
 }

@@ -32,7 +32,7 @@ const MIN_GAP: Duration = Duration::from_millis(50);
 /// Everything the agent knows and reports.
 pub struct Agent {
     pub cfg: Config,
-    pub keys: Keys,
+    pub(crate) keys: Keys,
     pub started_at: u64,
     seq: AtomicU64,
     connections: AtomicU64,
@@ -40,7 +40,10 @@ pub struct Agent {
     pub draining: AtomicBool,
     cpu_permille: AtomicU32,
     memory_permille: AtomicU32,
-    redis: Option<ConnectionManager>,
+    pub(crate) redis: Option<ConnectionManager>,
+    /// For connections of their own (blocking stream reads of subscribers).
+    pub(crate) redis_client: Option<redis::Client>,
+    pub(crate) scripts: crate::matches::Scripts,
     redis_up: AtomicBool,
     pub heartbeats: AtomicU64,
     pub heartbeat_failures: AtomicU64,
@@ -208,14 +211,17 @@ pub async fn start(cfg: Config) -> Result<AgentHandle, StartError> {
             source,
         })?;
     let addr = listener.local_addr().unwrap_or(cfg.listen);
-    let redis = match &cfg.redis {
-        Some(r) => Some(
-            kp5_shared::redis::connect(&r.target, None)
-                .map_err(|e| StartError::Redis(e.to_string()))?,
-        ),
+    let (redis, redis_client) = match &cfg.redis {
+        Some(r) => {
+            let e = |e: redis::RedisError| StartError::Redis(e.to_string());
+            (
+                Some(kp5_shared::redis::connect(&r.target, None).map_err(e)?),
+                Some(kp5_shared::redis::client(&r.target).map_err(e)?),
+            )
+        }
         None => {
             tracing::warn!("no [redis]: serving the local API without registering anywhere");
-            None
+            (None, None)
         }
     };
     let keys = Keys::new(cfg.redis.as_ref().map_or("kp5", |r| &r.key_prefix));
@@ -229,6 +235,8 @@ pub async fn start(cfg: Config) -> Result<AgentHandle, StartError> {
         cpu_permille: AtomicU32::new(0),
         memory_permille: AtomicU32::new(0),
         redis,
+        redis_client,
+        scripts: crate::matches::Scripts::default(),
         redis_up: AtomicBool::new(false),
         heartbeats: AtomicU64::new(0),
         heartbeat_failures: AtomicU64::new(0),

@@ -250,6 +250,22 @@ impl Affinity {
         }
     }
 
+    /// The match ended (its agent released it): forget its owner unless
+    /// this proxy still holds connections of it. True when forgotten.
+    pub fn forget(&self, pool: &str, id: &str) -> bool {
+        let mut table = self.lock();
+        let Some(m) = table.get_mut(pool) else {
+            return false;
+        };
+        if m.get(id).is_some_and(|e| e.active == 0) {
+            if let Some(e) = m.remove(id) {
+                e.server.matches.fetch_sub(1, Relaxed);
+                return true;
+            }
+        }
+        false
+    }
+
     /// Matches whose Redis assignment this proxy must keep alive (open
     /// connections) or still has to write (placed while Redis was away).
     pub fn held(&self) -> Vec<Held> {

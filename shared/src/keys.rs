@@ -42,6 +42,18 @@ impl Keys {
     pub fn match_owner(&self, pool: &str, id: &str) -> String {
         format!("{}:match:{{{pool}:{id}}}:owner", self.prefix)
     }
+
+    /// HASH: a match's state (`version`, `state` JSON, `server` that wrote
+    /// it, `updatedAt`, `ended`). Written by agents through the write script.
+    pub fn match_state(&self, pool: &str, id: &str) -> String {
+        format!("{}:match:{{{pool}:{id}}}:state", self.prefix)
+    }
+
+    /// STREAM: every change of a match's state (`kind`, `version`, `state`,
+    /// `server`), trimmed to the agents' `events_max_len`.
+    pub fn match_events(&self, pool: &str, id: &str) -> String {
+        format!("{}:match:{{{pool}:{id}}}:events", self.prefix)
+    }
 }
 
 #[cfg(test)]
@@ -57,5 +69,13 @@ mod tests {
             "kp5:match:{matches:42}:owner"
         );
         assert_eq!(k.pool_servers("matches"), "kp5:pool:matches:servers");
+        assert_eq!(
+            k.match_state("matches", "42"),
+            "kp5:match:{matches:42}:state"
+        );
+        assert_eq!(
+            k.match_events("matches", "42"),
+            "kp5:match:{matches:42}:events"
+        );
     }
 }

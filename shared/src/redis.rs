@@ -59,12 +59,9 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// Opens a lazy connection manager. `push` receives pub/sub messages and
-/// disconnect notices when given.
-pub fn connect(
-    target: &RedisTarget,
-    push: Option<tokio::sync::mpsc::UnboundedSender<PushInfo>>,
-) -> redis::RedisResult<ConnectionManager> {
+/// A client for `target` (RESP3, password and db applied), for callers that
+/// need connections of their own (blocking stream reads).
+pub fn client(target: &RedisTarget) -> redis::RedisResult<redis::Client> {
     let mut info = target.url.as_str().into_connection_info()?;
     let mut settings = info.redis_settings().clone();
     if let Some(pw) = &target.password {
@@ -75,7 +72,16 @@ pub fn connect(
     }
     settings = settings.set_protocol(ProtocolVersion::RESP3);
     info = info.set_redis_settings(settings);
-    let client = redis::Client::open(info)?;
+    redis::Client::open(info)
+}
+
+/// Opens a lazy connection manager. `push` receives pub/sub messages and
+/// disconnect notices when given.
+pub fn connect(
+    target: &RedisTarget,
+    push: Option<tokio::sync::mpsc::UnboundedSender<PushInfo>>,
+) -> redis::RedisResult<ConnectionManager> {
+    let client = client(target)?;
     let mut cfg = ConnectionManagerConfig::new()
         .set_min_delay(Duration::from_millis(50))
         .set_max_delay(Duration::from_secs(2))

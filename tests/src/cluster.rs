@@ -2,7 +2,10 @@
 //! `kp5-agent` processes, and proxy configs that discover servers through
 //! Redis. Every process started here is killed when its handle drops.
 
-use crate::support::{free_port, proxy_bin};
+use crate::demo::DemoServer;
+use crate::support::*;
+use kp5_proxy::ProxyHandle;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -278,4 +281,108 @@ match_id = [{{ from = "path", pattern = "/matches/{{id}}" }}]
 {pool_extra}
 "#
     )
+}
+
+// ---- a whole cluster: Redis, three demo servers with agents, two proxies
+
+pub const TTL_MS: u64 = 1000;
+
+/// Redis, three demo servers with their agents, two proxies.
+pub struct Cluster {
+    pub redis: RedisServer,
+    pub servers: Vec<DemoServer>,
+    pub agents: Vec<Agent>,
+    pub proxies: Vec<ProxyHandle>,
+    pub dir: TempDir,
+}
+
+pub async fn cluster(strategy: &str, pool_extra: &str) -> Cluster {
+    let dir = TempDir::new("cluster");
+    let redis = RedisServer::start();
+    let servers = backends(3).await;
+    let agents = servers
+        .iter()
+        .map(|s| Agent::start(&dir, &redis.url(), &s.id, s.addr, TTL_MS))
+        .collect();
+    let cfg = cluster_config(&redis.url(), strategy, pool_extra);
+    let proxies = vec![start_proxy(&cfg).await, start_proxy(&cfg).await];
+    let c = Cluster {
+        redis,
+        servers,
+        agents,
+        proxies,
+        dir,
+    };
+    let hc = client();
+    for p in &c.proxies {
+        wait_until(
+            Duration::from_secs(5),
+            "both proxies see three servers",
+            || {
+                let hc = hc.clone();
+                async move { available(&hc, p).await.len() == 3 }
+            },
+        )
+        .await;
+    }
+    c
+}
+
+/// Ids of the servers a proxy would route new traffic to.
+pub async fn available(c: &HttpClient, p: &ProxyHandle) -> BTreeSet<String> {
+    let v = admin(c, p, "/api/scaling/distributed/servers").await;
+    v["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["health"] == "healthy" && s["draining"] == false)
+        .map(|s| s["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+pub async fn admin(c: &HttpClient, p: &ProxyHandle, path: &str) -> serde_json::Value {
+    let got = get_with(
+        c,
+        &format!("http://{}{path}", p.admin),
+        &[("authorization", "Bearer test-token")],
+    )
+    .await;
+    assert_eq!(got.status, 200, "{path}: {:?}", got.body);
+    got.json()
+}
+
+pub fn ids(n: &[&str]) -> BTreeSet<String> {
+    n.iter().map(|s| s.to_string()).collect()
+}
+
+/// Which server answered a WebSocket of `path` through `p`.
+pub async fn ws_via(p: &ProxyHandle, path: &str) -> (Ws, String) {
+    ws(&format!("ws://{}{path}", p.listen[0])).await
+}
+
+pub async fn echo_ok(w: &mut Ws) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    w.send(Message::text("ping")).await.expect("send");
+    let got = tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .expect("echo in time")
+        .expect("open")
+        .expect("frame");
+    assert_eq!(got, Message::text("ping"));
+}
+
+/// `server id → field` from a proxy's distributed/servers.
+pub async fn figure(hc: &HttpClient, p: &ProxyHandle, field: &str) -> BTreeMap<String, u64> {
+    admin(hc, p, "/api/scaling/distributed/servers").await["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap().to_owned(),
+                s[field].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
 }

@@ -425,7 +425,11 @@ fn on_event(shared: &Arc<Shared>, cluster: &Cluster, ev: RegistryEvent) {
                 shared.affinity.learn(&pool, &match_id, &state, token);
             }
         }
-        RegistryEvent::Release { .. } => {}
+        RegistryEvent::Release { pool, match_id, .. } => {
+            if shared.affinity.forget(&pool, &match_id) {
+                tracing::debug!(%pool, %match_id, "match ended");
+            }
+        }
     }
 }
 
