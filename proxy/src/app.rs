@@ -6,6 +6,7 @@ use crate::clock::Clock;
 use crate::cluster::{self, Cluster};
 use crate::config::Config;
 use crate::forward::body::UpstreamBody;
+use crate::reload::{self, Control};
 use crate::runtime::Runtime;
 use crate::state::Live;
 use crate::{admin, health, server};
@@ -13,7 +14,9 @@ use arc_swap::ArcSwap;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use kp5_shared::Env;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +58,12 @@ pub struct Shared {
     pub cluster: Option<Arc<Cluster>>,
     /// Serialises runtime builds (config reloads and registry changes).
     build: std::sync::Mutex<()>,
+    /// Listeners and reloads; set once at start.
+    control: std::sync::OnceLock<Control>,
+    /// Unix ms when the proxy started.
+    pub started_at: u64,
+    /// Performance samples, thresholds and alerts.
+    pub monitor: crate::monitor::Monitor,
 }
 
 /// Per client connection.
@@ -80,8 +89,10 @@ impl Shared {
             .build(http);
         let live = Live::default();
         let clock = Clock::new();
+        let monitor = crate::monitor::Monitor::new(config.monitoring.thresholds.clone());
         let runtime = Runtime::build(config, &live, &[]);
         Arc::new(Shared {
+            monitor,
             runtime: ArcSwap::from_pointee(runtime),
             live,
             affinity: Arc::new(Affinity::new(clock)),
@@ -93,7 +104,28 @@ impl Shared {
             checkers: std::sync::Mutex::new(CancellationToken::new()),
             cluster,
             build: std::sync::Mutex::new(()),
+            control: std::sync::OnceLock::new(),
+            started_at: kp5_shared::wire::unix_ms(),
         })
+    }
+
+    /// Listeners and reloads.
+    pub fn control(&self) -> &Control {
+        self.control.get().expect("control is set at start")
+    }
+
+    /// Re-reads the config file and applies it (file watcher, SIGHUP, API).
+    pub async fn reload_file(self: &Arc<Self>, source: &str) -> Result<u64, String> {
+        self.control().reload_file(self, source).await
+    }
+
+    /// Applies a validated config (admin config changes, tests).
+    pub async fn reload_with(
+        self: &Arc<Self>,
+        config: Config,
+        source: &str,
+    ) -> Result<u64, String> {
+        self.control().apply(self, config, source).await
     }
 
     /// Servers agents registered, as this proxy knows them now.
@@ -150,8 +182,33 @@ pub struct ProxyHandle {
 
 pub use kp5_shared::StartError;
 
+/// How to start: where the config came from (for reloads) and whether to
+/// watch it.
+pub struct Options {
+    pub config_path: Option<PathBuf>,
+    /// The environment the config file is read with on reload.
+    pub env: Arc<dyn Env + Send + Sync>,
+    /// Reload when the file changes.
+    pub watch: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            config_path: None,
+            env: Arc::new(kp5_shared::MapEnv::new()),
+            watch: false,
+        }
+    }
+}
+
 /// Binds every listener and starts serving. Must run inside a Tokio runtime.
 pub async fn start(config: Config) -> Result<ProxyHandle, StartError> {
+    start_with(config, Options::default()).await
+}
+
+/// [`start`] with a config file to reload from (and watch).
+pub async fn start_with(config: Config, opts: Options) -> Result<ProxyHandle, StartError> {
     let config = Arc::new(config);
     let cluster = match &config.redis {
         Some(r) => {
@@ -163,7 +220,7 @@ pub async fn start(config: Config) -> Result<ProxyHandle, StartError> {
     let mut listeners = Vec::new();
     for &addr in &config.proxy.listen {
         let l = server::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
-        listeners.push(l);
+        listeners.push((addr, l));
     }
     let admin_addr = config.admin.listen;
     let admin_listener = server::bind(admin_addr).map_err(|source| StartError::Bind {
@@ -175,24 +232,33 @@ pub async fn start(config: Config) -> Result<ProxyHandle, StartError> {
     let stop = CancellationToken::new();
     let conns = TaskTracker::new();
     let tasks = TaskTracker::new();
-    let listen: Vec<SocketAddr> = listeners
-        .iter()
-        .filter_map(|l| l.local_addr().ok())
-        .collect();
-    let admin = admin_listener.local_addr().unwrap_or(admin_addr);
-    for l in listeners {
-        tasks.spawn(server::accept_loop(
-            l,
-            shared.clone(),
-            stop.clone(),
-            conns.clone(),
-        ));
+    let watch = opts.watch.then(|| opts.config_path.clone()).flatten();
+    let control = Control::new(
+        opts.config_path,
+        opts.env,
+        stop.clone(),
+        conns.clone(),
+        tasks.clone(),
+    );
+    if shared.control.set(control).is_err() {
+        unreachable!("a new Shared has no control yet");
     }
+    for (addr, l) in listeners {
+        shared.control().add_listener(&shared, addr, l);
+    }
+    let listen = shared.control().listening();
+    let admin = admin_listener.local_addr().unwrap_or(admin_addr);
     tasks.spawn(admin::serve(admin_listener, shared.clone(), stop.clone()));
     tasks.spawn(sweeper(shared.clone(), stop.clone()));
+    tasks.spawn(crate::monitor::run(shared.clone(), stop.clone()));
     if let Some((c, rx)) = cluster {
         tracing::info!(redis = %c.target.redacted_url(), instance = %c.instance, "using the Redis registry");
         cluster::spawn(shared.clone(), c, rx, stop.clone(), &tasks);
+    }
+    if let Some(path) = watch {
+        if let Err(e) = reload::watch(shared.clone(), path, stop.clone()) {
+            tracing::warn!(error = %e, "config file not watched; SIGHUP and POST /api/scaling/reload still reload");
+        }
     }
     shared.restart_checkers();
     tracing::info!(?listen, %admin, "kp5-proxy started");
@@ -224,12 +290,13 @@ async fn sweeper(shared: Arc<Shared>, stop: CancellationToken) {
 
 impl ProxyHandle {
     /// Applies a new config without dropping anything.
-    pub fn reload(&self, config: Config) {
-        self.shared.apply(config);
-        self.shared
-            .counters
-            .reloads_ok
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    pub async fn reload(&self, config: Config) -> Result<u64, String> {
+        self.shared.reload_with(config, "api").await
+    }
+
+    /// Bound addresses of the data-plane listeners now.
+    pub fn listening(&self) -> Vec<SocketAddr> {
+        self.shared.control().listening()
     }
 
     /// Graceful shutdown: stop accepting, let in-flight HTTP finish, give open

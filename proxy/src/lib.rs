@@ -12,10 +12,12 @@ pub mod config;
 pub mod forward;
 pub mod health;
 pub mod metrics;
+pub mod monitor;
+pub mod reload;
 pub mod runtime;
 pub mod server;
 pub mod state;
 pub mod tunnel;
 
-pub use app::{start, ProxyHandle, StartError};
+pub use app::{start, start_with, Options, ProxyHandle, StartError};
 pub use config::{Config, ConfigError};

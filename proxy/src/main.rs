@@ -1,5 +1,6 @@
 //! `kp5-proxy` binary: parse the CLI → load config (exit 64 on a bad one) →
-//! bind → serve → wait for SIGTERM/SIGINT → drain → exit 0.
+//! bind → serve (the config file watched; SIGHUP reloads it too) → wait for
+//! SIGTERM/SIGINT → drain → exit 0.
 
 use anyhow::Context;
 use clap::Parser;
@@ -45,7 +46,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&config);
-    match run(config) {
+    match run(config, cli.config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -68,7 +69,7 @@ fn init_logging(config: &Config) {
     }
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = config.proxy.worker_threads {
         rt.worker_threads(n);
@@ -76,20 +77,32 @@ fn run(config: Config) -> anyhow::Result<()> {
     let rt = rt.enable_all().build().context("starting the runtime")?;
     rt.block_on(async {
         let drain = config.proxy.drain_timeout;
-        let handle = kp5_proxy::start(config).await?;
-        wait_for_signal().await?;
+        let opts = kp5_proxy::Options {
+            config_path: Some(path),
+            env: std::sync::Arc::new(ProcessEnv),
+            watch: true,
+        };
+        let handle = kp5_proxy::start_with(config, opts).await?;
+        wait_for_signal(&handle).await?;
         handle.shutdown(drain).await;
         Ok(())
     })
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Waits for SIGTERM or SIGINT; SIGHUP reloads the config file meanwhile.
+async fn wait_for_signal(handle: &kp5_proxy::ProxyHandle) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM received"); return Ok(()) }
+            _ = int.recv() => { tracing::info!("SIGINT received"); return Ok(()) }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received: reloading the config file");
+                let _ = handle.shared.reload_file("SIGHUP").await;
+            }
+        }
     }
-    Ok(())
 }

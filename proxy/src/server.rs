@@ -32,12 +32,17 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// Accepts until `accept_stop` (this listener removed, or shutdown); the
+/// connections it spawns finish gracefully on `shutdown` only, so removing a
+/// listener leaves its open connections alone.
 pub async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
-    stop: CancellationToken,
+    accept_stop: CancellationToken,
+    shutdown: CancellationToken,
     conns: TaskTracker,
 ) {
+    let stop = accept_stop;
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -53,7 +58,7 @@ pub async fn accept_loop(
                     peer,
                     scheme: "http",
                 });
-                conns.spawn(serve(stream, ctx, stop.clone()));
+                conns.spawn(serve(stream, ctx, shutdown.clone()));
             }
             Err(e) => {
                 // EMFILE and friends: wait and try again, never give up the listener

@@ -49,6 +49,12 @@ impl Keys {
         format!("{}:match:{{{pool}:{id}}}:state", self.prefix)
     }
 
+    /// LIST: a match's performance reports (JSON, newest first), trimmed to
+    /// `MAX_METRICS_STORED` and expiring after `METRICS_RETENTION_HOURS`.
+    pub fn match_performance(&self, pool: &str, id: &str) -> String {
+        format!("{}:match:{{{pool}:{id}}}:perf", self.prefix)
+    }
+
     /// STREAM: every change of a match's state (`kind`, `version`, `state`,
     /// `server`), trimmed to the agents' `events_max_len`.
     pub fn match_events(&self, pool: &str, id: &str) -> String {

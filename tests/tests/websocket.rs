@@ -100,13 +100,16 @@ async fn least_connections_counts_open_websockets() {
         held.push(ws);
     }
     // B joins (same live state: A's 30 stay counted)
-    proxy.reload(
-        kp5_proxy::Config::from_toml(
-            &config(&servers, "strategy = \"least_connections\"", ""),
-            &kp5_shared::MapEnv::new(),
+    proxy
+        .reload(
+            kp5_proxy::Config::from_toml(
+                &config(&servers, "strategy = \"least_connections\"", ""),
+                &kp5_shared::MapEnv::new(),
+            )
+            .unwrap(),
         )
-        .unwrap(),
-    );
+        .await
+        .expect("reload applies");
     for i in 0..30 {
         let (ws, s) = ws(&url).await;
         assert_eq!(s, "s2", "connection {i} of the next 30 went to {s}");

@@ -221,6 +221,33 @@ impl Cluster {
             .await
     }
 
+    /// `INFO` of the Redis server.
+    pub async fn info(&self) -> redis::RedisResult<String> {
+        redis::cmd("INFO").query_async(&mut self.conn()).await
+    }
+
+    /// A match's state hash (agents write it), empty if none.
+    pub async fn match_state(
+        &self,
+        pool: &str,
+        id: &str,
+    ) -> redis::RedisResult<HashMap<String, String>> {
+        redis::cmd("HGETALL")
+            .arg(self.keys.match_state(pool, id))
+            .query_async(&mut self.conn())
+            .await
+    }
+
+    /// A match's performance reports (agents write them), newest first.
+    pub async fn match_performance(&self, pool: &str, id: &str) -> redis::RedisResult<Vec<String>> {
+        redis::cmd("LRANGE")
+            .arg(self.keys.match_performance(pool, id))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut self.conn())
+            .await
+    }
+
     /// The owner record of a match, read from Redis.
     pub async fn owner(&self, pool: &str, id: &str) -> redis::RedisResult<Option<claim::Owner>> {
         let v: HashMap<String, String> = redis::cmd("HGETALL")

@@ -96,6 +96,7 @@ pub struct MonitoringSettings {
     pub interval: Duration,
     pub retention_hours: u64,
     pub max_metrics_stored: usize,
+    pub thresholds: crate::monitor::Thresholds,
 }
 
 /// A route: requests whose host matches (when given) and whose path starts

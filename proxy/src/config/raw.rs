@@ -138,6 +138,9 @@ pub struct RawMonitoring {
     /// Env `MAX_METRICS_STORED`. Default 1000.
     #[serde(default = "d_max_stored")]
     pub max_metrics_stored: usize,
+    /// Alert thresholds; the seed's defaults.
+    #[serde(default)]
+    pub thresholds: crate::monitor::Thresholds,
 }
 
 impl Default for RawMonitoring {
@@ -146,6 +149,7 @@ impl Default for RawMonitoring {
             interval_ms: d_monitor_interval(),
             retention_hours: d_retention(),
             max_metrics_stored: d_max_stored(),
+            thresholds: Default::default(),
         }
     }
 }

@@ -13,7 +13,24 @@ pub(super) fn build(raw: RawConfig) -> Result<Config, ConfigError> {
         interval: positive_ms("monitoring.interval_ms", raw.monitoring.interval_ms)?,
         retention_hours: raw.monitoring.retention_hours,
         max_metrics_stored: raw.monitoring.max_metrics_stored,
+        thresholds: raw.monitoring.thresholds.clone(),
     };
+    if monitoring.max_metrics_stored == 0 {
+        return Err(ConfigError::invalid(
+            "monitoring.max_metrics_stored",
+            "must be at least 1",
+        ));
+    }
+    if monitoring.retention_hours == 0 {
+        return Err(ConfigError::invalid(
+            "monitoring.retention_hours",
+            "must be at least 1",
+        ));
+    }
+    monitoring
+        .thresholds
+        .check()
+        .map_err(|(f, m)| ConfigError::invalid(format!("monitoring.thresholds.{f}"), m))?;
 
     if raw.pools.is_empty() {
         return Err(ConfigError::invalid(

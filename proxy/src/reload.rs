@@ -1,0 +1,297 @@
+//! Hot reload: the config file watched (`notify`), SIGHUP (in `main.rs`)
+//! and `POST /api/scaling/reload` all come here. The new config is read,
+//! validated and its runtime built off the hot path, then swapped in at
+//! once; new listen addresses are bound before the swap (a bind failure
+//! rejects the reload) and removed ones stop accepting while their open
+//! connections live on. A rejected config leaves the old one serving and is
+//! reported in the log, in `/api/scaling/health` and in metrics.
+
+use crate::app::Shared;
+use crate::config::Config;
+use crate::server;
+use kp5_shared::wire::unix_ms;
+use kp5_shared::Env;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// What the last reloads did, for `/api/scaling/health`.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReloadStatus {
+    /// Configs applied since start (the first one is 1).
+    pub generation: u64,
+    /// Unix ms and source ("start", "file", "SIGHUP", "api", "admin-config")
+    /// of the config in effect.
+    pub applied_at: u64,
+    pub applied_from: String,
+    /// The last rejected config since then, if any.
+    pub last_error: Option<Rejected>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rejected {
+    pub at: u64,
+    pub source: String,
+    pub reason: String,
+}
+
+/// The source of a reload made by `PUT /api/scaling/loadbalancer/config`.
+pub const ADMIN_CONFIG: &str = "admin-config";
+
+struct Listening {
+    bound: SocketAddr,
+    stop: CancellationToken,
+}
+
+/// The parts of a running proxy a reload changes besides the runtime.
+pub struct Control {
+    config_path: Option<PathBuf>,
+    env: Arc<dyn Env + Send + Sync>,
+    /// Configured address → its accept loop.
+    listeners: Mutex<BTreeMap<SocketAddr, Listening>>,
+    /// Stops every accept loop and asks connections to finish (shutdown).
+    stop: CancellationToken,
+    conns: TaskTracker,
+    tasks: TaskTracker,
+    status: Mutex<ReloadStatus>,
+    /// One reload at a time.
+    serial: tokio::sync::Mutex<()>,
+}
+
+impl Control {
+    pub fn new(
+        config_path: Option<PathBuf>,
+        env: Arc<dyn Env + Send + Sync>,
+        stop: CancellationToken,
+        conns: TaskTracker,
+        tasks: TaskTracker,
+    ) -> Control {
+        Control {
+            config_path,
+            env,
+            listeners: Mutex::new(BTreeMap::new()),
+            stop,
+            conns,
+            tasks,
+            status: Mutex::new(ReloadStatus {
+                generation: 1,
+                applied_at: unix_ms(),
+                applied_from: "start".into(),
+                last_error: None,
+            }),
+            serial: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn config_path(&self) -> Option<&Path> {
+        self.config_path.as_deref()
+    }
+
+    pub fn status(&self) -> ReloadStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Bound addresses of the data-plane listeners, in configured order.
+    pub fn listening(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|l| l.bound)
+            .collect()
+    }
+
+    /// Starts accepting on `listener` (configured as `configured`).
+    pub fn add_listener(
+        &self,
+        shared: &Arc<Shared>,
+        configured: SocketAddr,
+        listener: tokio::net::TcpListener,
+    ) {
+        let bound = listener.local_addr().unwrap_or(configured);
+        let stop = self.stop.child_token();
+        self.tasks.spawn(server::accept_loop(
+            listener,
+            shared.clone(),
+            stop.clone(),
+            self.stop.clone(),
+            self.conns.clone(),
+        ));
+        tracing::info!(%configured, %bound, "listening");
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(configured, Listening { bound, stop });
+    }
+
+    fn reject(&self, shared: &Shared, source: &str, reason: String) -> String {
+        tracing::error!(%source, %reason, "config rejected; the previous one keeps serving");
+        shared.counters.reloads_failed.fetch_add(1, Relaxed);
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_error = Some(Rejected {
+            at: unix_ms(),
+            source: source.to_owned(),
+            reason: reason.clone(),
+        });
+        reason
+    }
+
+    /// Re-reads the config file and applies it.
+    pub async fn reload_file(&self, shared: &Arc<Shared>, source: &str) -> Result<u64, String> {
+        let _one = self.serial.lock().await;
+        let Some(path) = &self.config_path else {
+            return Err(self.reject(
+                shared,
+                source,
+                "this proxy was started without a config file".into(),
+            ));
+        };
+        let env = self.env.clone();
+        let path2 = path.clone();
+        // reading and validating (10,000 backends) stays off the runtime's threads
+        let parsed = tokio::task::spawn_blocking(move || Config::load(&path2, &*env))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| format!("{}: {e}", path.display())));
+        match parsed {
+            Ok(config) => self.apply_locked(shared, config, source).await,
+            Err(reason) => Err(self.reject(shared, source, reason)),
+        }
+    }
+
+    /// Applies an already validated config.
+    pub async fn apply(
+        &self,
+        shared: &Arc<Shared>,
+        config: Config,
+        source: &str,
+    ) -> Result<u64, String> {
+        let _one = self.serial.lock().await;
+        self.apply_locked(shared, config, source).await
+    }
+
+    async fn apply_locked(
+        &self,
+        shared: &Arc<Shared>,
+        config: Config,
+        source: &str,
+    ) -> Result<u64, String> {
+        // bind what is new first: a failure rejects the whole reload
+        let wanted: Vec<SocketAddr> = config.proxy.listen.clone();
+        let current: Vec<SocketAddr> = self
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        let mut fresh = Vec::new();
+        for addr in wanted.iter().filter(|a| !current.contains(a)) {
+            match server::bind(*addr) {
+                Ok(l) => fresh.push((*addr, l)),
+                Err(e) => {
+                    return Err(self.reject(
+                        shared,
+                        source,
+                        format!("proxy.listen: cannot listen on {addr}: {e}"),
+                    ));
+                }
+            }
+        }
+        if config.admin.listen != shared.runtime.load().config.admin.listen {
+            tracing::warn!(admin = %config.admin.listen, "admin.listen changes take effect at the next restart");
+        }
+        if source != ADMIN_CONFIG {
+            // the file's thresholds replace ones set through the API
+            shared
+                .monitor
+                .set_thresholds(config.monitoring.thresholds.clone());
+        }
+        let shared2 = shared.clone();
+        tokio::task::spawn_blocking(move || shared2.apply(config))
+            .await
+            .map_err(|e| self.reject(shared, source, e.to_string()))?;
+        for (addr, l) in fresh {
+            self.add_listener(shared, addr, l);
+        }
+        let mut ls = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        ls.retain(|addr, l| {
+            let keep = wanted.contains(addr);
+            if !keep {
+                tracing::info!(configured = %addr, bound = %l.bound, "listener removed; its open connections stay");
+                l.stop.cancel();
+            }
+            keep
+        });
+        drop(ls);
+        shared.counters.reloads_ok.fetch_add(1, Relaxed);
+        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        st.generation += 1;
+        st.applied_at = unix_ms();
+        st.applied_from = source.to_owned();
+        st.last_error = None;
+        tracing::info!(%source, generation = st.generation, "config applied");
+        Ok(st.generation)
+    }
+}
+
+/// Watches the config file (its folder, so an editor's rename-over counts)
+/// and reloads after writes settle.
+pub fn watch(shared: Arc<Shared>, path: PathBuf, stop: CancellationToken) -> Result<(), String> {
+    use notify::{RecursiveMode, Watcher};
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let name = path.file_name().map(|n| n.to_owned());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev {
+            let ours = ev.paths.iter().any(|p| p.file_name() == name.as_deref());
+            let change = matches!(
+                ev.kind,
+                notify::EventKind::Create(_)
+                    | notify::EventKind::Modify(_)
+                    | notify::EventKind::Remove(_)
+            );
+            if ours && change {
+                let _ = tx.send(());
+            }
+        }
+    })
+    .map_err(|e| format!("watching {}: {e}", path.display()))?;
+    watcher
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .map_err(|e| format!("watching {}: {e}", dir.display()))?;
+    tokio::spawn(async move {
+        let _watcher = watcher;
+        loop {
+            tokio::select! {
+                got = rx.recv() => if got.is_none() { return },
+                _ = stop.cancelled() => return,
+            }
+            // let a burst of writes (truncate, write, rename) settle
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            while rx.try_recv().is_ok() {}
+            if !path.exists() {
+                continue;
+            }
+            let _ = shared.reload_file("file").await;
+        }
+    });
+    Ok(())
+}
