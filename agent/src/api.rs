@@ -188,7 +188,8 @@ async fn match_route(
             crate::matches::events(agent.clone(), id.to_owned(), last).await
         }
         (Method::DELETE, "") => agent.end_match(id).await,
-        (_, "state" | "events" | "") => {
+        (Method::POST, "performance") => agent.report_performance(id, req.into_body()).await,
+        (_, "state" | "events" | "performance" | "") => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
         }
         _ => error(StatusCode::NOT_FOUND, "no such endpoint"),

@@ -31,6 +31,8 @@ struct RawAgent {
     events_max_len: Option<u64>,
     ended_retention_ms: Option<u64>,
     idle_retention_ms: Option<u64>,
+    metrics_retention_hours: Option<u64>,
+    max_metrics_stored: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -107,6 +109,9 @@ pub struct Config {
     pub ended_retention: Duration,
     /// State and events of a match nobody writes are removed after this.
     pub idle_retention: Duration,
+    /// Per-match performance reports: kept this long and at most this many.
+    pub metrics_retention: Duration,
+    pub max_metrics_stored: u64,
     /// Absent: the agent serves its local API but registers nowhere.
     pub redis: Option<RedisConfig>,
 }
@@ -256,6 +261,32 @@ impl Config {
                 return Err(invalid(field, format!("{v} is outside 100..=2592000000")));
             }
         }
+        let retention_hours = match a.metrics_retention_hours {
+            Some(h) => h,
+            None => {
+                kp5_shared::env::parse_var(env, "METRICS_RETENTION_HOURS", |s| s.parse::<u64>())
+                    .map_err(ConfigError::Env)?
+                    .unwrap_or(24)
+            }
+        };
+        let max_stored = match a.max_metrics_stored {
+            Some(n) => n,
+            None => kp5_shared::env::parse_var(env, "MAX_METRICS_STORED", |s| s.parse::<u64>())
+                .map_err(ConfigError::Env)?
+                .unwrap_or(1000),
+        };
+        if !(1..=24 * 366).contains(&retention_hours) {
+            return Err(invalid(
+                "agent.metrics_retention_hours",
+                format!("{retention_hours} is outside 1..=8784"),
+            ));
+        }
+        if !(1..=1_000_000).contains(&max_stored) {
+            return Err(invalid(
+                "agent.max_metrics_stored",
+                format!("{max_stored} is outside 1..=1000000"),
+            ));
+        }
         let mut r = raw.redis.unwrap_or_default();
         if let Some(u) = o.redis_url.or_else(|| env.get("REDIS_URL")) {
             r.url = Some(u);
@@ -310,6 +341,8 @@ impl Config {
             events_max_len,
             ended_retention: Duration::from_millis(ended),
             idle_retention: Duration::from_millis(idle),
+            metrics_retention: Duration::from_secs(retention_hours * 3600),
+            max_metrics_stored: max_stored,
             redis,
         })
     }

@@ -398,6 +398,71 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// `POST /v1/matches/:id/performance`: the match server's figures for
+    /// one match, kept (newest first) for `metrics_retention_hours` and at
+    /// most `max_metrics_stored` reports; proxies show them at
+    /// `GET /api/scaling/performance/matches/:id`.
+    pub async fn report_performance(&self, id: &str, body: hyper::body::Incoming) -> Resp {
+        let Some(conn) = &self.redis else {
+            return no_redis();
+        };
+        let v = match read_object(body).await {
+            Ok(m) => m,
+            Err(r) => return r,
+        };
+        let num = |k: &str| -> Result<f64, Resp> {
+            match v.get(k).and_then(|x| x.as_f64()) {
+                Some(n) if n >= 0.0 && n.is_finite() => Ok(n),
+                _ => Err(error(
+                    StatusCode::BAD_REQUEST,
+                    format!("{k}: required, a number of at least 0"),
+                )),
+            }
+        };
+        let (participants, eps, latency) = match (
+            num("participantCount"),
+            num("eventsPerSecond"),
+            num("averageLatency"),
+        ) {
+            (Ok(a), Ok(b), Ok(c)) => (a, b, c),
+            (Err(r), _, _) | (_, Err(r), _) | (_, _, Err(r)) => return r,
+        };
+        if participants.fract() != 0.0 {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "participantCount: must be an integer",
+            );
+        }
+        let report = json!({
+            "at": kp5_shared::wire::unix_ms(),
+            "server": self.cfg.server_id,
+            "participantCount": participants as u64,
+            "eventsPerSecond": eps,
+            "averageLatency": latency,
+        });
+        let key = self.keys.match_performance(&self.cfg.pool, id);
+        let mut pipe = redis::pipe();
+        pipe.cmd("LPUSH")
+            .arg(&key)
+            .arg(report.to_string())
+            .ignore()
+            .cmd("LTRIM")
+            .arg(&key)
+            .arg(0)
+            .arg(self.cfg.max_metrics_stored.saturating_sub(1))
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(self.cfg.metrics_retention.as_millis() as u64)
+            .ignore();
+        match pipe.query_async::<()>(&mut conn.clone()).await {
+            Ok(()) => json_response(StatusCode::OK, json!({ "stored": true, "report": report })),
+            Err(e) => redis_down(&e),
+        }
+    }
+}
+
 fn conflict(current: u64) -> Resp {
     with_etag(
         json_response(

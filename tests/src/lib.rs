@@ -4,5 +4,6 @@
 
 pub mod cluster;
 pub mod demo;
+pub mod schema;
 pub mod sse;
 pub mod support;

@@ -86,7 +86,9 @@ async fn a_changed_file_applies_within_a_second_and_bad_ones_are_rejected() {
         ),
     ];
     for (kind, text) in bad {
-        let generation = health(&hc, &p).await["config"]["generation"].as_u64().unwrap();
+        let generation = health(&hc, &p).await["config"]["generation"]
+            .as_u64()
+            .unwrap();
         write_config(&path, &text);
         wait_until(Duration::from_secs(1), "rejection reported", || async {
             !health(&hc, &p).await["config"]["lastError"].is_null()
@@ -123,7 +125,9 @@ async fn a_changed_file_applies_within_a_second_and_bad_ones_are_rejected() {
     );
 
     // the admin endpoint re-reads the file
-    let generation = health(&hc, &p).await["config"]["generation"].as_u64().unwrap();
+    let generation = health(&hc, &p).await["config"]["generation"]
+        .as_u64()
+        .unwrap();
     let r = request(
         &hc,
         http::Request::post(format!("http://{}/api/scaling/reload", p.admin))
