@@ -259,3 +259,116 @@ async fn sighup_reloads_the_proxy_binary() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_reloads_under_load_fail_nothing_and_keep_the_counts() {
+    use futures_util::{SinkExt, StreamExt};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let b = backends(4).await;
+    let all = servers_of(&b);
+    let cfg = |servers: &[(&str, std::net::SocketAddr, u32)], strategy: &str| {
+        kp5_proxy::Config::from_toml(
+            &config(servers, &format!("strategy = \"{strategy}\""), ""),
+            &MapEnv::new(),
+        )
+        .unwrap()
+    };
+    let p = start_proxy(&config(&all[..3], "strategy = \"least_connections\"", "")).await;
+    let hc = client();
+
+    // 500 open WebSockets over s1..s3
+    let url = format!("ws://{}/ws", p.listen[0]);
+    let mut sockets = Vec::new();
+    for _ in 0..500 {
+        sockets.push(ws(&url).await);
+    }
+    let before = per_server(&lb_stats(&hc, &p).await, "websockets");
+    assert_eq!(before.values().sum::<u64>(), 500);
+
+    // steady HTTP load, paced to 2,000 requests/s
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut load = Vec::new();
+    for _ in 0..20 {
+        let (hc, stop, ok, failed) = (hc.clone(), stop.clone(), ok.clone(), failed.clone());
+        let target = format!("http://{}/", p.listen[0]);
+        load.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            while !stop.load(Relaxed) {
+                tick.tick().await;
+                let req = http::Request::get(&target)
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap();
+                match request(&hc, req).await {
+                    Ok(g) if g.status == 200 => ok.fetch_add(1, Relaxed),
+                    other => {
+                        eprintln!("failed: {other:?}");
+                        failed.fetch_add(1, Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // 20 reloads: strategies, servers added and removed, including s1,
+    // which holds a third of the open WebSockets
+    let s1_gone: Vec<_> = all[1..3].to_vec();
+    let variants = [
+        cfg(&all[..3], "round_robin"),
+        cfg(&all, "least_connections"),
+        cfg(&s1_gone, "least_connections"),
+        cfg(&all[..3], "weighted"),
+        cfg(&all[1..], "least_matches"),
+    ];
+    for i in 0..20 {
+        let next = if i == 19 {
+            cfg(&all[..3], "least_connections")
+        } else {
+            variants[i % variants.len()].clone()
+        };
+        p.reload(next).await.expect("reload");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let (ok, failed) = (ok.load(Relaxed), failed.load(Relaxed));
+    eprintln!(
+        "{ok} requests in {secs:.1} s ({:.0}/s), {failed} failed, 20 reloads",
+        ok as f64 / secs
+    );
+    assert_eq!(failed, 0, "no request failed");
+    assert!(
+        ok as f64 / secs > 1500.0,
+        "the load was real: {:.0}/s",
+        ok as f64 / secs
+    );
+
+    // every WebSocket survived, and the counts are what they were
+    for (i, (w, _)) in sockets.iter_mut().enumerate() {
+        w.send(Message::text(format!("m{i}"))).await.unwrap();
+        let echo = tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(echo, Message::text(format!("m{i}")));
+    }
+    let after = per_server(&lb_stats(&hc, &p).await, "websockets");
+    assert_eq!(after, before, "per-server counts unchanged by the reloads");
+    let health = get_with(
+        &hc,
+        &format!("http://{}/api/scaling/health", p.admin),
+        &[("authorization", "Bearer test-token")],
+    )
+    .await
+    .json();
+    assert_eq!(health["config"]["generation"], 21);
+}
