@@ -235,6 +235,8 @@ struct Inner {
     prev: HashMap<String, Prev>,
     prev_at: u64,
     history: VecDeque<Snapshot>,
+    /// This proxy's latest measurement.
+    last: Option<Snapshot>,
     alerts: VecDeque<Alert>,
     tracks: HashMap<(String, Metric), Track>,
     next_id: u64,
@@ -284,8 +286,9 @@ impl Monitor {
             .collect()
     }
 
+    /// This proxy's latest measurement.
     pub fn latest(&self) -> Option<Snapshot> {
-        self.lock().history.back().cloned()
+        self.lock().last.clone()
     }
 
     pub fn stored(&self) -> usize {
@@ -301,6 +304,23 @@ impl Monitor {
                 .then(b.updated_at.cmp(&a.updated_at))
         });
         v
+    }
+
+    /// Takes the cluster's open alerts and suppressions as the truth before
+    /// an evaluation (the lease may have moved; another proxy may have
+    /// resolved an alert).
+    pub fn sync(&self, open: Vec<Alert>, suppressed: impl Iterator<Item = (String, String)>) {
+        let mut inner = self.lock();
+        inner.alerts.retain(|a| a.status != "open");
+        inner.alerts.extend(open);
+        for t in inner.tracks.values_mut() {
+            t.suppressed = false;
+        }
+        for (server, metric) in suppressed {
+            if let Some(m) = metric_of(&metric) {
+                inner.tracks.entry((server, m)).or_default().suppressed = true;
+            }
+        }
     }
 
     /// Resolves an alert by id; `None` if unknown.
@@ -322,8 +342,19 @@ impl Monitor {
         Some(a.clone())
     }
 
-    /// Takes one sample of every server and evaluates the thresholds.
+    /// Takes one sample of every server and evaluates the thresholds
+    /// (embedded mode: this proxy's own figures, alerts and history).
     pub fn sample(&self, shared: &Shared, settings: &crate::config::MonitoringSettings) {
+        let snap = self.measure(shared, settings);
+        self.record(snap, &self.thresholds(), settings);
+    }
+
+    /// This proxy's figures of every server since the last call.
+    pub fn measure(
+        &self,
+        shared: &Shared,
+        settings: &crate::config::MonitoringSettings,
+    ) -> Snapshot {
         let now = unix_ms();
         let rt = shared.runtime.load();
         let mut inner = self.lock();
@@ -392,14 +423,41 @@ impl Monitor {
                 });
             }
         }
-        let thresholds = self.thresholds();
-        for sample in &servers {
+        let snap = Snapshot {
+            at: now,
+            interval_ms: elapsed_ms,
+            servers,
+        };
+        inner.last = Some(snap.clone());
+        snap
+    }
+
+    /// Evaluates `snap` against `thresholds`, keeps it in the history, and
+    /// returns the alerts that changed.
+    pub fn record(
+        &self,
+        snap: Snapshot,
+        thresholds: &Thresholds,
+        settings: &crate::config::MonitoringSettings,
+    ) -> Vec<Alert> {
+        let now = snap.at;
+        let mut inner = self.lock();
+        let mut changed = Vec::new();
+        for sample in &snap.servers {
             for m in Metric::ALL {
                 if let Some(v) = sample.value(m) {
-                    self.evaluate(&mut inner, &sample.server, m, v, thresholds.get(m), now);
+                    changed.extend(self.evaluate(
+                        &mut inner,
+                        &sample.server,
+                        m,
+                        v,
+                        thresholds.get(m),
+                        now,
+                    ));
                 }
             }
         }
+        let servers = &snap.servers;
         // servers gone from the config: their open alerts end
         let present: std::collections::HashSet<&str> =
             servers.iter().map(|s| s.server.as_str()).collect();
@@ -409,22 +467,28 @@ impl Monitor {
                 a.resolved_at = Some(now);
                 a.resolved_by = Some("auto".into());
                 a.updated_at = now;
+                changed.push(a.clone());
             }
         }
-        inner.history.push_back(Snapshot {
-            at: now,
-            interval_ms: elapsed_ms,
-            servers,
-        });
-        let since = now.saturating_sub(settings.retention_hours * 3_600_000);
+        inner.history.push_back(snap);
+        let since = now.saturating_sub(settings.retention_ms());
         while inner.history.len() > settings.max_metrics_stored
             || inner.history.front().is_some_and(|s| s.at < since)
         {
             inner.history.pop_front();
         }
+        changed
     }
 
-    fn evaluate(&self, inner: &mut Inner, server: &str, m: Metric, v: f64, t: f64, now: u64) {
+    fn evaluate(
+        &self,
+        inner: &mut Inner,
+        server: &str,
+        m: Metric,
+        v: f64,
+        t: f64,
+        now: u64,
+    ) -> Option<Alert> {
         let key = (server.to_owned(), m);
         let track = inner.tracks.entry(key.clone()).or_default();
         if v >= t {
@@ -465,11 +529,12 @@ impl Monitor {
                     a.message = message(server, m, v, t, l);
                     tracing::warn!(server, metric = m.name(), value = v, severity = ?l, "alert escalated");
                 }
+                Some(a.clone())
             }
             None => {
-                let Some(l) = level else { return };
+                let l = level?;
                 if suppressed {
-                    return;
+                    return None;
                 }
                 inner.next_id += 1;
                 let alert = Alert {
@@ -487,13 +552,14 @@ impl Monitor {
                     resolved_by: None,
                 };
                 tracing::warn!(server, metric = m.name(), value = v, severity = ?l, "alert raised");
-                inner.alerts.push_back(alert);
+                inner.alerts.push_back(alert.clone());
                 let resolved = inner.alerts.iter().filter(|a| a.status != "open").count();
                 if resolved > KEEP_RESOLVED {
                     if let Some(i) = inner.alerts.iter().position(|a| a.status != "open") {
                         inner.alerts.remove(i);
                     }
                 }
+                Some(alert)
             }
         }
     }
@@ -544,7 +610,9 @@ fn quantile(deltas: &[u64], q: f64) -> Option<f64> {
     None
 }
 
-/// Samples every interval until `stop`.
+/// Samples every interval until `stop`. With Redis up, every proxy
+/// publishes its sample and the lease holder evaluates the cluster's;
+/// otherwise this proxy evaluates its own.
 pub async fn run(shared: Arc<Shared>, stop: tokio_util::sync::CancellationToken) {
     loop {
         let settings = shared.runtime.load().config.monitoring.clone();
@@ -552,8 +620,85 @@ pub async fn run(shared: Arc<Shared>, stop: tokio_util::sync::CancellationToken)
             _ = tokio::time::sleep(settings.interval) => {}
             _ = stop.cancelled() => return,
         }
-        shared.monitor.sample(&shared, &settings);
+        match shared.cluster.as_ref().filter(|c| c.is_up()) {
+            Some(cluster) => {
+                if let Err(e) = cluster_round(&shared, cluster, &settings).await {
+                    tracing::debug!(error = %e, "cluster monitoring round failed");
+                    cluster.note_error(&e);
+                }
+            }
+            None => shared.monitor.sample(&shared, &settings),
+        }
     }
+}
+
+async fn cluster_round(
+    shared: &Shared,
+    cluster: &crate::cluster::Cluster,
+    settings: &crate::config::MonitoringSettings,
+) -> redis::RedisResult<()> {
+    let mon = &shared.monitor;
+    let snap = mon.measure(shared, settings);
+    let interval = settings.interval.as_millis() as u64;
+    let lease = (3 * interval).max(1000);
+    cluster.publish_sample(&snap, lease).await?;
+    if !cluster.lead(lease).await? {
+        return Ok(());
+    }
+    let peers = cluster.peer_samples(snap.at.saturating_sub(lease)).await?;
+    let agg = crate::cluster::perf::aggregate(&peers, snap.at, snap.interval_ms);
+    let thresholds = cluster
+        .thresholds()
+        .await?
+        .unwrap_or_else(|| mon.thresholds());
+    // the alerts as the cluster has them (another proxy may have resolved one)
+    let open: Vec<Alert> = cluster
+        .alerts()
+        .await?
+        .into_iter()
+        .filter(|a| a.status == "open")
+        .collect();
+    let pairs: Vec<(String, String)> = agg
+        .servers
+        .iter()
+        .flat_map(|s| Metric::ALL.map(|m| (s.server.clone(), m.name().to_owned())))
+        .collect();
+    let suppressed = cluster.suppressed(&pairs).await?;
+    let recovered: Vec<(String, String)> = pairs
+        .iter()
+        .zip(&suppressed)
+        .filter(|((server, metric), &sup)| {
+            sup && metric_of(metric).is_some_and(|m| {
+                agg.servers
+                    .iter()
+                    .find(|s| &s.server == server)
+                    .and_then(|s| s.value(m))
+                    .is_some_and(|v| v < 0.8 * thresholds.get(m))
+            })
+        })
+        .map(|(p, _)| p.clone())
+        .collect();
+    mon.sync(
+        open,
+        pairs
+            .iter()
+            .zip(&suppressed)
+            .filter(|(_, &s)| s)
+            .map(|(p, _)| p.clone()),
+    );
+    let changed = mon.record(agg.clone(), &thresholds, settings);
+    cluster
+        .write_alerts(&changed, settings.retention_ms())
+        .await?;
+    cluster.clear_suppressed(&recovered).await?;
+    cluster
+        .push_history(
+            &agg,
+            settings.max_metrics_stored,
+            agg.at.saturating_sub(settings.retention_ms()),
+        )
+        .await?;
+    Ok(())
 }
 
 #[cfg(test)]

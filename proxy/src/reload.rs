@@ -219,6 +219,11 @@ impl Control {
             shared
                 .monitor
                 .set_thresholds(config.monitoring.thresholds.clone());
+            if let Some(c) = shared.cluster.as_ref().filter(|c| c.is_up()) {
+                if let Err(e) = c.set_thresholds(None).await {
+                    c.note_error(&e);
+                }
+            }
         }
         let shared2 = shared.clone();
         tokio::task::spawn_blocking(move || shared2.apply(config))

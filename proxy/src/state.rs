@@ -75,7 +75,8 @@ pub struct ServerState {
     /// the first report), and what this proxy added since that report.
     reported_connections: AtomicU64,
     reported_matches: AtomicU64,
-    conn_delta: AtomicU64,
+    /// Connections this proxy opened minus those it closed since the report.
+    conn_delta: std::sync::atomic::AtomicI64,
     match_delta: AtomicU64,
     /// Machine CPU and memory use from the agent, in permille.
     pub cpu_permille: AtomicU32,
@@ -104,7 +105,7 @@ impl ServerState {
             draining: AtomicBool::new(false),
             reported_connections: AtomicU64::new(NO_REPORT),
             reported_matches: AtomicU64::new(NO_REPORT),
-            conn_delta: AtomicU64::new(0),
+            conn_delta: std::sync::atomic::AtomicI64::new(0),
             match_delta: AtomicU64::new(0),
             cpu_permille: AtomicU32::new(0),
             memory_permille: AtomicU32::new(0),
@@ -142,13 +143,14 @@ impl ServerState {
     }
 
     /// Connections cluster-wide: the agent's last report plus what this
-    /// proxy opened since, and never less than what this proxy holds open.
+    /// proxy opened (minus what it closed) since, and never less than what
+    /// this proxy holds open.
     #[inline]
     pub fn cluster_connections(&self) -> u64 {
         let local = self.connections.load(Relaxed);
         match self.reported_connections.load(Relaxed) {
             NO_REPORT => local,
-            r => local.max(r + self.conn_delta.load(Relaxed)),
+            r => local.max((r as i64 + self.conn_delta.load(Relaxed)).max(0) as u64),
         }
     }
 
@@ -326,6 +328,7 @@ impl ConnGuard {
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.server.connections.fetch_sub(1, Relaxed);
+        self.server.conn_delta.fetch_sub(1, Relaxed);
         if self.websocket {
             self.server.websockets.fetch_sub(1, Relaxed);
         }
@@ -499,6 +502,8 @@ mod tests {
         s.note_new_match();
         assert_eq!((s.cluster_connections(), s.cluster_matches()), (101, 8));
         drop((g1, g2));
+        // closes since the report count too: one opened after it, one before
+        assert_eq!(s.cluster_connections(), 99);
         s.apply_report(Some(0), None);
         assert_eq!((s.cluster_connections(), s.cluster_matches()), (0, 8));
         assert_eq!(s.reported_connections(), Some(0));

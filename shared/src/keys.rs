@@ -55,6 +55,55 @@ impl Keys {
         format!("{}:match:{{{pool}:{id}}}:perf", self.prefix)
     }
 
+    /// STRING: one proxy's latest per-server sample (JSON), with a TTL of
+    /// three monitoring intervals. Written by that proxy.
+    pub fn perf_sample(&self, proxy: &str) -> String {
+        format!("{}:perf:sample:{proxy}", self.prefix)
+    }
+
+    /// ZSET: proxies that published a sample, by unix ms.
+    pub fn perf_proxies(&self) -> String {
+        format!("{}:perf:proxies", self.prefix)
+    }
+
+    /// STRING: the proxy that aggregates samples and evaluates alerts, with
+    /// a TTL of three monitoring intervals (a lease).
+    pub fn perf_leader(&self) -> String {
+        format!("{}:perf:leader", self.prefix)
+    }
+
+    /// LIST: cluster-wide snapshots (JSON), newest first, trimmed to
+    /// `MAX_METRICS_STORED` and `METRICS_RETENTION_HOURS`. Written by the leader.
+    pub fn perf_history(&self) -> String {
+        format!("{}:perf:history", self.prefix)
+    }
+
+    /// STRING: thresholds set through the admin API (JSON), until a reload.
+    pub fn perf_thresholds(&self) -> String {
+        format!("{}:perf:thresholds", self.prefix)
+    }
+
+    /// STRING: one alert (JSON). Resolved alerts expire with the retention.
+    pub fn alert(&self, id: &str) -> String {
+        format!("{}:alert:{id}", self.prefix)
+    }
+
+    /// ZSET: alert ids by last update.
+    pub fn alerts(&self) -> String {
+        format!("{}:alerts", self.prefix)
+    }
+
+    /// STRING: the id of the open alert of a server and metric.
+    pub fn alert_open(&self, server: &str, metric: &str) -> String {
+        format!("{}:alert:open:{server}:{metric}", self.prefix)
+    }
+
+    /// STRING: set when an alert was resolved by hand while its figure was
+    /// still high: no new alert until the figure recovers.
+    pub fn alert_suppressed(&self, server: &str, metric: &str) -> String {
+        format!("{}:alert:suppressed:{server}:{metric}", self.prefix)
+    }
+
     /// STREAM: every change of a match's state (`kind`, `version`, `state`,
     /// `server`), trimmed to the agents' `events_max_len`.
     pub fn match_events(&self, pool: &str, id: &str) -> String {

@@ -6,8 +6,9 @@
 //!   `/matches/{id}` path prefix or a `matchId` query parameter)
 //! - any WebSocket upgrade → echo; a text `close:CODE:REASON` makes the
 //!   server close with that code and reason
-//! - `/status/NNN` → that status
-//! - `/slow/MS` → answers after MS milliseconds
+//! - `.../status/NNN` → that status (anywhere in the path, so
+//!   `/matches/7/status/500` works too)
+//! - `.../slow/MS` → answers after MS milliseconds
 //! - anything else → `x-server` header, and the request body streamed back
 //!   (or, for an empty body, a JSON description of the request)
 
@@ -286,8 +287,8 @@ async fn handle(
         return Ok(r);
     }
     if let Some(code) = path
-        .strip_prefix("/status/")
-        .and_then(|c| c.parse::<u16>().ok())
+        .rsplit_once("/status/")
+        .and_then(|(_, c)| c.parse::<u16>().ok())
     {
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST);
         return Ok(full(
@@ -298,8 +299,8 @@ async fn handle(
         ));
     }
     if let Some(ms) = path
-        .strip_prefix("/slow/")
-        .and_then(|c| c.parse::<u64>().ok())
+        .rsplit_once("/slow/")
+        .and_then(|(_, c)| c.parse::<u64>().ok())
     {
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
         return Ok(full(StatusCode::OK, "text/plain", "slow\n", &ctx.id));

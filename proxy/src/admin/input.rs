@@ -131,12 +131,14 @@ pub async fn put_lb_config(shared: &Arc<Shared>, body: Value) -> Resp {
     }
 }
 
-/// `PUT /api/scaling/performance/thresholds`: any of the six figures.
-pub fn put_thresholds(shared: &Shared, body: Value) -> Resp {
+/// `PUT /api/scaling/performance/thresholds`: any of the six figures; with
+/// Redis they apply to the whole cluster.
+pub async fn put_thresholds(shared: &Shared, body: Value) -> Resp {
     let Some(obj) = body.as_object() else {
         return bad("body", "must be a JSON object");
     };
-    let mut merged = serde_json::to_value(shared.monitor.thresholds()).unwrap_or(json!({}));
+    let current = super::views::thresholds(shared).await;
+    let mut merged = serde_json::to_value(current).unwrap_or(json!({}));
     for (k, v) in obj {
         let Some(slot) = merged.get_mut(k) else {
             return bad(
@@ -157,6 +159,15 @@ pub fn put_thresholds(shared: &Shared, body: Value) -> Resp {
         return bad(field, &message);
     }
     shared.monitor.set_thresholds(t.clone());
+    if let Some(c) = shared.cluster.as_ref().filter(|c| c.is_up()) {
+        if let Err(e) = c.set_thresholds(Some(&t)).await {
+            c.note_error(&e);
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("thresholds set on this proxy only; Redis failed: {e}"),
+            );
+        }
+    }
     tracing::info!(thresholds = ?t, "thresholds changed through the admin API");
     json_response(StatusCode::OK, json!({ "thresholds": t }))
 }

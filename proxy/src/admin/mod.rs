@@ -227,19 +227,18 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Resp {
             Ok(body) => input::put_lb_config(shared, body).await,
             Err(r) => r,
         },
-        (Method::GET, "performance/status") => ok(views::perf_status(shared)),
-        (Method::GET, "performance/metrics") => views::perf_metrics(shared, query.as_deref()),
+        (Method::GET, "performance/status") => ok(views::perf_status(shared).await),
+        (Method::GET, "performance/metrics") => views::perf_metrics(shared, query.as_deref()).await,
         (Method::GET, "performance/matches/:matchId") => views::perf_match(shared, id).await,
-        (Method::GET, "performance/alerts") => views::alerts(shared, query.as_deref()),
-        (Method::POST, "performance/alerts/:alertId/resolve") => match shared.monitor.resolve(id) {
-            Some(a) => ok(json!({ "alert": a })),
-            None => error(StatusCode::NOT_FOUND, "unknown alert"),
-        },
+        (Method::GET, "performance/alerts") => views::alerts(shared, query.as_deref()).await,
+        (Method::POST, "performance/alerts/:alertId/resolve") => {
+            views::resolve_alert(shared, id).await
+        }
         (Method::GET, "performance/thresholds") => {
-            ok(json!({ "thresholds": shared.monitor.thresholds() }))
+            ok(json!({ "thresholds": views::thresholds(shared).await }))
         }
         (Method::PUT, "performance/thresholds") => match read_json(req).await {
-            Ok(body) => input::put_thresholds(shared, body),
+            Ok(body) => input::put_thresholds(shared, body).await,
             Err(r) => r,
         },
         (Method::GET, "redis/status") => ok(views::redis_status(shared)),

@@ -503,10 +503,66 @@ pub fn recommendations(shared: &Shared) -> serde_json::Value {
     json!({ "recommendations": recommendation_list(shared), "thresholds": shared.monitor.thresholds() })
 }
 
+/// The cluster's Redis when it is up (monitoring data lives there then).
+fn cluster_up(shared: &Shared) -> Option<&crate::cluster::Cluster> {
+    shared.cluster.as_deref().filter(|c| c.is_up())
+}
+
+/// Alerts: the cluster's with Redis, this proxy's without.
+pub async fn alert_list(shared: &Shared) -> Vec<crate::monitor::Alert> {
+    if let Some(c) = cluster_up(shared) {
+        match c.alerts().await {
+            Ok(mut v) => {
+                v.sort_by(|a, b| {
+                    (a.status != "open")
+                        .cmp(&(b.status != "open"))
+                        .then(b.updated_at.cmp(&a.updated_at))
+                });
+                return v;
+            }
+            Err(e) => c.note_error(&e),
+        }
+    }
+    shared.monitor.alerts()
+}
+
+/// Thresholds in effect: set through any proxy's API (with Redis), or this
+/// proxy's.
+pub async fn thresholds(shared: &Shared) -> crate::monitor::Thresholds {
+    if let Some(c) = cluster_up(shared) {
+        match c.thresholds().await {
+            Ok(Some(t)) => return t,
+            Ok(None) => {}
+            Err(e) => c.note_error(&e),
+        }
+    }
+    shared.monitor.thresholds()
+}
+
+/// `POST /performance/alerts/:id/resolve`.
+pub async fn resolve_alert(shared: &Shared, id: &str) -> Resp {
+    let local = shared.monitor.resolve(id);
+    if let Some(c) = cluster_up(shared) {
+        match c.resolve_alert(id, kp5_shared::wire::unix_ms()).await {
+            Ok(Some(a)) => return json_response(StatusCode::OK, json!({ "alert": a })),
+            Ok(None) => {}
+            Err(e) => c.note_error(&e),
+        }
+    }
+    match local {
+        Some(a) => json_response(StatusCode::OK, json!({ "alert": a })),
+        None => error(StatusCode::NOT_FOUND, "unknown alert"),
+    }
+}
+
 /// `GET /performance/status`.
-pub fn perf_status(shared: &Shared) -> serde_json::Value {
-    let m = &shared.runtime.load().config.monitoring;
-    let alerts = shared.monitor.alerts();
+pub async fn perf_status(shared: &Shared) -> serde_json::Value {
+    let m = shared.runtime.load().config.monitoring.clone();
+    let alerts = alert_list(shared).await;
+    let (scope, stored) = match cluster_up(shared) {
+        Some(c) => ("cluster", c.history_len().await.unwrap_or(0) as usize),
+        None => ("proxy", shared.monitor.stored()),
+    };
     let open = |sev| {
         alerts
             .iter()
@@ -519,10 +575,11 @@ pub fn perf_status(shared: &Shared) -> serde_json::Value {
         "intervalMs": m.interval.as_millis() as u64,
         "retentionHours": m.retention_hours,
         "maxMetricsStored": m.max_metrics_stored,
-        "stored": shared.monitor.stored(),
+        "scope": scope,
+        "stored": stored,
         "lastSampleAt": shared.monitor.latest().map(|s| s.at),
         "openAlerts": { "warning": open(Severity::Warning), "error": open(Severity::Error), "critical": open(Severity::Critical) },
-        "thresholds": shared.monitor.thresholds(),
+        "thresholds": thresholds(shared).await,
     })
 }
 
@@ -533,8 +590,9 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
     })
 }
 
-/// `GET /performance/metrics?hours=N` (default 1).
-pub fn perf_metrics(shared: &Shared, query: Option<&str>) -> Resp {
+/// `GET /performance/metrics?hours=N` (default 1): the cluster's history
+/// with Redis, this proxy's without.
+pub async fn perf_metrics(shared: &Shared, query: Option<&str>) -> Resp {
     let hours = match query_param(query, "hours") {
         None => 1.0,
         Some(h) => match h.parse::<f64>() {
@@ -547,7 +605,17 @@ pub fn perf_metrics(shared: &Shared, query: Option<&str>) -> Resp {
             }
         },
     };
-    let history = shared.monitor.history(hours);
+    let since = kp5_shared::wire::unix_ms().saturating_sub((hours * 3_600_000.0) as u64);
+    let history = match cluster_up(shared) {
+        Some(c) => match c.history(since).await {
+            Ok(h) => h,
+            Err(e) => {
+                c.note_error(&e);
+                shared.monitor.history(hours)
+            }
+        },
+        None => shared.monitor.history(hours),
+    };
     let summary: Vec<_> = history
         .iter()
         .map(|snap| {
@@ -574,7 +642,7 @@ pub fn perf_metrics(shared: &Shared, query: Option<&str>) -> Resp {
 }
 
 /// `GET /performance/alerts?status=open|resolved|all` (default all).
-pub fn alerts(shared: &Shared, query: Option<&str>) -> Resp {
+pub async fn alerts(shared: &Shared, query: Option<&str>) -> Resp {
     let want = query_param(query, "status").unwrap_or("all");
     if !matches!(want, "open" | "resolved" | "all") {
         return json_response(
@@ -582,9 +650,8 @@ pub fn alerts(shared: &Shared, query: Option<&str>) -> Resp {
             json!({ "error": "status: expected open, resolved or all", "field": "status", "status": 400 }),
         );
     }
-    let list: Vec<_> = shared
-        .monitor
-        .alerts()
+    let list: Vec<_> = alert_list(shared)
+        .await
         .into_iter()
         .filter(|a| want == "all" || a.status == want)
         .collect();

@@ -9,6 +9,7 @@
 //! health endpoint says `degraded`.
 
 pub mod claim;
+pub mod perf;
 pub mod rendezvous;
 
 use crate::app::Shared;
@@ -172,7 +173,7 @@ impl Cluster {
         }
     }
 
-    fn conn(&self) -> ConnectionManager {
+    pub(crate) fn conn(&self) -> ConnectionManager {
         self.conn.clone()
     }
 

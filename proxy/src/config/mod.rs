@@ -94,9 +94,16 @@ pub struct LogSettings {
 #[derive(Debug, Clone)]
 pub struct MonitoringSettings {
     pub interval: Duration,
-    pub retention_hours: u64,
+    /// Hours; fractions allowed (`METRICS_RETENTION_HOURS=0.5`).
+    pub retention_hours: f64,
     pub max_metrics_stored: usize,
     pub thresholds: crate::monitor::Thresholds,
+}
+
+impl MonitoringSettings {
+    pub fn retention_ms(&self) -> u64 {
+        (self.retention_hours * 3_600_000.0) as u64
+    }
 }
 
 /// A route: requests whose host matches (when given) and whose path starts
@@ -260,7 +267,7 @@ fn apply_env(raw: &mut RawConfig, env: &dyn Env) -> Result<(), String> {
     if let Some(v) = parse_var(env, "PERFORMANCE_MONITORING_INTERVAL", |s| s.parse::<u64>())? {
         raw.monitoring.interval_ms = v;
     }
-    if let Some(v) = parse_var(env, "METRICS_RETENTION_HOURS", |s| s.parse::<u64>())? {
+    if let Some(v) = parse_var(env, "METRICS_RETENTION_HOURS", |s| s.parse::<f64>())? {
         raw.monitoring.retention_hours = v;
     }
     if let Some(v) = parse_var(env, "MAX_METRICS_STORED", |s| s.parse::<usize>())? {

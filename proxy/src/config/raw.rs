@@ -134,7 +134,7 @@ pub struct RawMonitoring {
     pub interval_ms: u64,
     /// Env `METRICS_RETENTION_HOURS`. Default 24.
     #[serde(default = "d_retention")]
-    pub retention_hours: u64,
+    pub retention_hours: f64,
     /// Env `MAX_METRICS_STORED`. Default 1000.
     #[serde(default = "d_max_stored")]
     pub max_metrics_stored: usize,
@@ -319,8 +319,8 @@ fn d_true() -> bool {
 fn d_monitor_interval() -> u64 {
     10_000
 }
-fn d_retention() -> u64 {
-    24
+fn d_retention() -> f64 {
+    24.0
 }
 fn d_max_stored() -> usize {
     1000

@@ -21,10 +21,13 @@ pub(super) fn build(raw: RawConfig) -> Result<Config, ConfigError> {
             "must be at least 1",
         ));
     }
-    if monitoring.retention_hours == 0 {
+    if !(monitoring.retention_hours > 0.0 && monitoring.retention_hours <= 24.0 * 366.0) {
         return Err(ConfigError::invalid(
             "monitoring.retention_hours",
-            "must be at least 1",
+            format!(
+                "{} must be above 0 (and at most 8784)",
+                monitoring.retention_hours
+            ),
         ));
     }
     monitoring
@@ -551,7 +554,7 @@ backends = [
             p.health_check.as_ref().unwrap().interval,
             Duration::from_millis(250)
         );
-        assert_eq!(c.monitoring.retention_hours, 2);
+        assert_eq!(c.monitoring.retention_hours, 2.0);
         assert_eq!(c.log.level, "debug");
 
         let bad = MapEnv::new().with("MAX_MATCHES_PER_SERVER", "many");
