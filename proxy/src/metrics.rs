@@ -99,7 +99,7 @@ impl prometheus_client::collector::Collector for Collector {
         one(
             &mut enc,
             "kp5_websocket_messages",
-            "WebSocket messages relayed by closed tunnels, both directions.",
+            "WebSocket messages relayed, both directions, counted as they pass.",
             MetricType::Counter,
             c.ws_messages.load(Relaxed),
         )?;
@@ -167,7 +167,13 @@ impl prometheus_client::collector::Collector for Collector {
         let rt = shared.runtime.load_full();
         let now = shared.clock.now_ms();
         type Get = fn(&crate::runtime::Upstream, u64) -> u64;
-        let per_server: [(&str, &str, MetricType, Get); 11] = [
+        let per_server: [(&str, &str, MetricType, Get); 12] = [
+            (
+                "kp5_upstream_websocket_messages",
+                "WebSocket messages relayed to and from the server (both directions), counted as they pass.",
+                MetricType::Counter,
+                |u, _| u.state.ws_messages.load(Relaxed),
+            ),
             (
                 "kp5_upstream_cluster_connections",
                 "Connections per server cluster-wide, as balancing sees them (agent report plus this proxy's opens since).",

@@ -177,6 +177,8 @@ pub struct ServerSample {
     /// Mean, p95 and p99 time to the response head over the interval, ms
     /// (absent without requests).
     pub response_time: Option<f64>,
+    #[serde(default)]
+    pub response_time_p50: Option<f64>,
     pub response_time_p95: Option<f64>,
     pub response_time_p99: Option<f64>,
     /// 5xx responses and failures, percent of requests (absent without requests).
@@ -186,6 +188,9 @@ pub struct ServerSample {
     pub matches: u64,
     pub match_utilization: f64,
     pub websockets: u64,
+    /// WebSocket messages relayed per second (both directions).
+    #[serde(default)]
+    pub websocket_messages_per_second: f64,
     /// From the agent (absent for servers without one).
     pub cpu_usage: Option<f64>,
     pub memory_usage: Option<f64>,
@@ -215,6 +220,7 @@ pub struct Snapshot {
 
 #[derive(Debug, Default, Clone)]
 struct Prev {
+    ws_messages: u64,
     requests: u64,
     errors: u64,
     latency_count: u64,
@@ -374,6 +380,7 @@ impl Monitor {
                 let errors = s.responses[4].load(Relaxed) + failures;
                 let (sum_s, count, buckets) = s.latency.snapshot();
                 let cur = Prev {
+                    ws_messages: s.ws_messages.load(Relaxed),
                     requests: responses + failures,
                     errors,
                     latency_count: count,
@@ -404,6 +411,7 @@ impl Monitor {
                     requests,
                     requests_per_second: round1(requests as f64 * 1000.0 / elapsed_ms as f64),
                     response_time: mean.map(round1),
+                    response_time_p50: quantile(&deltas, 0.50).map(round1),
                     response_time_p95: quantile(&deltas, 0.95).map(round1),
                     response_time_p99: quantile(&deltas, 0.99).map(round1),
                     error_rate: (requests > 0).then(|| {
@@ -418,6 +426,10 @@ impl Monitor {
                     matches,
                     match_utilization: round1(matches as f64 * 100.0 / u.max_matches.max(1) as f64),
                     websockets: s.websockets.load(Relaxed),
+                    websocket_messages_per_second: round1(
+                        cur.ws_messages.saturating_sub(prev.ws_messages) as f64 * 1000.0
+                            / elapsed_ms as f64,
+                    ),
                     cpu_usage: agent.then(|| s.cpu_permille.load(Relaxed) as f64 / 10.0),
                     memory_usage: agent.then(|| s.memory_permille.load(Relaxed) as f64 / 10.0),
                 });

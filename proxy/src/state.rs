@@ -61,6 +61,8 @@ pub struct ServerState {
     /// Open proxied connections: in-flight HTTP requests plus open tunnels.
     pub connections: AtomicU64,
     pub websockets: AtomicU64,
+    /// WebSocket messages relayed to and from this server.
+    pub ws_messages: AtomicU64,
     /// Matches assigned to this server by this proxy and not yet ended.
     pub matches: AtomicU64,
     pub selections: AtomicU64,
@@ -96,6 +98,7 @@ impl ServerState {
             id: Arc::from(id),
             connections: AtomicU64::new(0),
             websockets: AtomicU64::new(0),
+            ws_messages: AtomicU64::new(0),
             matches: AtomicU64::new(0),
             selections: AtomicU64::new(0),
             requests: AtomicU64::new(0),

@@ -422,7 +422,10 @@ async fn metrics_parse_as_prometheus_text() {
             200
         );
     }
-    let (_ws, _) = ws(&format!("ws://{}/ws", p.listen[0])).await;
+    let (mut open_ws, _) = ws(&format!("ws://{}/ws", p.listen[0])).await;
+    for _ in 0..3 {
+        echo_ok(&mut open_ws).await;
+    }
     let got = get(&hc, &format!("http://{}/metrics", p.admin)).await;
     assert_eq!(got.status, 200);
     let text = String::from_utf8(got.body.to_vec()).unwrap();
@@ -449,6 +452,17 @@ async fn metrics_parse_as_prometheus_text() {
         }
         ref other => panic!("unexpected {other:?}"),
     }
+    // messages of a tunnel still open are counted as they pass
+    let relayed: f64 = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "kp5_upstream_websocket_messages_total")
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum();
+    assert!(relayed >= 6.0, "3 echoes = 6 messages, got {relayed}");
     // every sample is documented in docs/metrics.md
     let documented =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))

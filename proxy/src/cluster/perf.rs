@@ -331,6 +331,7 @@ pub fn aggregate(samples: &[Snapshot], at: u64, interval_ms: u64) -> Snapshot {
                 requests,
                 requests_per_second: list.iter().map(|s| s.requests_per_second).sum(),
                 response_time: weighted(|s| s.response_time),
+                response_time_p50: max(|s| s.response_time_p50),
                 response_time_p95: max(|s| s.response_time_p95),
                 response_time_p99: max(|s| s.response_time_p99),
                 error_rate: weighted(|s| s.error_rate),
@@ -339,6 +340,10 @@ pub fn aggregate(samples: &[Snapshot], at: u64, interval_ms: u64) -> Snapshot {
                 matches: list.iter().map(|s| s.matches).max().unwrap_or(0),
                 match_utilization: max(|s| Some(s.match_utilization)).unwrap_or(0.0),
                 websockets: list.iter().map(|s| s.websockets).sum(),
+                websocket_messages_per_second: list
+                    .iter()
+                    .map(|s| s.websocket_messages_per_second)
+                    .sum(),
                 cpu_usage: max(|s| s.cpu_usage),
                 memory_usage: max(|s| s.memory_usage),
             }

@@ -567,6 +567,7 @@ fn spawn_tunnel(
     let opts = tunnel::Options {
         idle_timeout: rt.config.proxy.tunnel_idle_timeout,
         websocket,
+        count_into: Some((guard.server().clone(), counters.clone())),
     };
     let close = shared.close_tunnels.clone();
     shared.tunnels.spawn(async move {
@@ -577,7 +578,6 @@ fn spawn_tunnel(
                 match (c.downcast::<TokioIo<TcpStream>>(), s.downcast::<TokioIo<TcpStream>>()) {
                     (Ok(c), Ok(s)) => {
                         let sum = tunnel::run(c.io.into_inner(), &c.read_buf, s.io.into_inner(), &s.read_buf, opts, close).await;
-                        counters.ws_messages.fetch_add(sum.messages_up + sum.messages_down, Relaxed);
                         tracing::debug!(server = %server_id, end = ?sum.end, up = sum.bytes_up, down = sum.bytes_down, "tunnel closed");
                     }
                     _ => tracing::error!(server = %server_id, "upgraded connection is not a TCP stream; closing"),

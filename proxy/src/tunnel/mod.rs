@@ -56,6 +56,11 @@ pub struct Options {
     pub idle_timeout: Duration,
     /// Track WebSocket frames (for close 1001 and message counts).
     pub websocket: bool,
+    /// Counters that see relayed messages as they pass (per server, total).
+    pub count_into: Option<(
+        std::sync::Arc<crate::state::ServerState>,
+        std::sync::Arc<crate::app::Counters>,
+    )>,
 }
 
 #[derive(Default)]
@@ -178,6 +183,8 @@ pub async fn run(
         }
     }
 
+    let count = |d: &Dir| d.frames.as_ref().map_or(0, |t| t.messages);
+    let mut counted = 0u64;
     let mut last = Instant::now();
     let idle = tokio::time::sleep(opts.idle_timeout);
     tokio::pin!(idle);
@@ -215,7 +222,21 @@ pub async fn run(
             }
         };
         match step {
-            Step::Progress => last = Instant::now(),
+            Step::Progress => {
+                last = Instant::now();
+                if let Some((server, total)) = &opts.count_into {
+                    let seen = count(&up) + count(&down);
+                    if seen > counted {
+                        server
+                            .ws_messages
+                            .fetch_add(seen - counted, std::sync::atomic::Ordering::Relaxed);
+                        total
+                            .ws_messages
+                            .fetch_add(seen - counted, std::sync::atomic::Ordering::Relaxed);
+                        counted = seen;
+                    }
+                }
+            }
             Step::Idle => {}
             Step::Failed => break End::Error,
         }
@@ -224,7 +245,6 @@ pub async fn run(
     if matches!(end, End::Idle | End::Shutdown) {
         going_away(&mut client, &mut server, &mut up, &mut down).await;
     }
-    let count = |d: &Dir| d.frames.as_ref().map_or(0, |t| t.messages);
     Summary {
         end,
         bytes_up: up.bytes,
@@ -303,6 +323,7 @@ mod tests {
             Options {
                 idle_timeout: Duration::from_secs(30),
                 websocket: false,
+                count_into: None,
             },
             CancellationToken::new(),
         ));
@@ -342,6 +363,7 @@ mod tests {
             Options {
                 idle_timeout: Duration::from_millis(200),
                 websocket: true,
+                count_into: None,
             },
             CancellationToken::new(),
         ));
