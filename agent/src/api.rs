@@ -7,8 +7,6 @@ use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -16,7 +14,6 @@ use serde_json::json;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -30,32 +27,11 @@ fn full(b: impl Into<Bytes>) -> BoxBody<Bytes, Infallible> {
 }
 
 pub async fn serve(listener: TcpListener, agent: Arc<Agent>, stop: CancellationToken) {
-    loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.cancelled() => return,
-        };
+    kp5_shared::http::serve(listener, stop, "agent API", move |req| {
         let agent = agent.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let agent = agent.clone();
-                async move { Ok::<_, Infallible>(route(req, &agent).await) }
-            });
-            let mut b = hyper::server::conn::http1::Builder::new();
-            b.timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10));
-            if let Err(e) = b.serve_connection(TokioIo::new(stream), svc).await {
-                tracing::debug!(error = %e, "API connection ended with an error");
-            }
-        });
-    }
+        async move { route(req, &agent).await }
+    })
+    .await
 }
 
 pub fn json_response(status: StatusCode, body: serde_json::Value) -> Resp {

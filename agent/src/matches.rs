@@ -603,13 +603,7 @@ async fn pump(
             {
                 Ok(c) => conn.insert(c),
                 Err(e) => {
-                    send(
-                        tx,
-                        Bytes::from(format!(": redis unavailable ({e}); retrying\n\n")),
-                    )
-                    .await?;
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    wait_for_redis(tx, &e, &mut backoff).await?;
                     continue;
                 }
             },
@@ -623,12 +617,7 @@ async fn pump(
                 Ok(None) => p = reload(agent, id, tx).await?,
                 Err(e) => {
                     conn = None;
-                    send(
-                        tx,
-                        Bytes::from(format!(": redis unavailable ({e}); retrying\n\n")),
-                    )
-                    .await?;
-                    tokio::time::sleep(backoff).await;
+                    wait_for_redis(tx, &e, &mut backoff).await?;
                     continue;
                 }
             }
@@ -653,13 +642,7 @@ async fn pump(
             Err(e) => {
                 conn = None;
                 check_resume = true;
-                send(
-                    tx,
-                    Bytes::from(format!(": redis unavailable ({e}); retrying\n\n")),
-                )
-                .await?;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                wait_for_redis(tx, &e, &mut backoff).await?;
                 continue;
             }
         };
@@ -687,6 +670,23 @@ async fn pump(
             }
         }
     }
+}
+
+/// Tells the subscriber Redis is away (a comment line, which also finds out
+/// whether it is still there), then backs off.
+async fn wait_for_redis(
+    tx: &mpsc::Sender<Bytes>,
+    e: &redis::RedisError,
+    backoff: &mut Duration,
+) -> Result<(), String> {
+    send(
+        tx,
+        Bytes::from(format!(": redis unavailable ({e}); retrying\n\n")),
+    )
+    .await?;
+    tokio::time::sleep(*backoff).await;
+    *backoff = (*backoff * 2).min(Duration::from_secs(2));
+    Ok(())
 }
 
 /// The version of entry `last` if it is still in the stream.

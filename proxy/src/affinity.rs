@@ -64,6 +64,18 @@ struct Entry {
 }
 
 impl Entry {
+    /// A new match with its first connection, counted on its server.
+    fn first(server: &Arc<ServerState>, grace_ms: u64, token: u64) -> Entry {
+        server.matches.fetch_add(1, Relaxed);
+        Entry {
+            server: server.clone(),
+            active: 1,
+            idle_since: 0,
+            grace_ms,
+            token,
+        }
+    }
+
     /// Points the entry at another server, moving the match count.
     fn move_to(&mut self, next: &Arc<ServerState>) {
         if !Arc::ptr_eq(&self.server, next) {
@@ -132,17 +144,7 @@ impl Affinity {
                 let Some(server) = pick() else {
                     return Placement::NoServer;
                 };
-                server.matches.fetch_add(1, Relaxed);
-                matches.insert(
-                    id.into(),
-                    Entry {
-                        server: server.clone(),
-                        active: 1,
-                        idle_since: 0,
-                        grace_ms,
-                        token: 0,
-                    },
-                );
+                matches.insert(id.into(), Entry::first(&server, grace_ms, 0));
                 server
             }
         };
@@ -219,17 +221,7 @@ impl Affinity {
                 (e.server.clone(), e.token)
             }
             None => {
-                server.matches.fetch_add(1, Relaxed);
-                matches.insert(
-                    id.into(),
-                    Entry {
-                        server: server.clone(),
-                        active: 1,
-                        idle_since: 0,
-                        grace_ms,
-                        token,
-                    },
-                );
+                matches.insert(id.into(), Entry::first(&server, grace_ms, token));
                 (server, token)
             }
         };

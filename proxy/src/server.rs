@@ -6,9 +6,7 @@ use crate::app::{ConnCtx, Shared};
 use crate::forward;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,26 +71,7 @@ pub async fn accept_loop(
     }
 }
 
-/// Drives a served connection to its end. When `stop` fires first, asks it
-/// to finish gracefully (in-flight requests complete, no new ones) and waits.
-/// `graceful` is the connection type's own `graceful_shutdown`.
-pub(crate) async fn until_done<C, E>(
-    conn: C,
-    stop: &CancellationToken,
-    graceful: impl FnOnce(Pin<&mut C>),
-) -> Result<(), E>
-where
-    C: Future<Output = Result<(), E>>,
-{
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => r,
-        _ = stop.cancelled() => {
-            graceful(conn.as_mut());
-            conn.await
-        }
-    }
-}
+pub(crate) use kp5_shared::http::until_done;
 
 /// Waits (within the header timeout) until the first bytes tell HTTP/2 from HTTP/1.
 async fn is_h2(stream: &TcpStream) -> std::io::Result<Option<bool>> {

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod env;
+pub mod http;
 pub mod keys;
 pub mod redis;
 pub mod start;

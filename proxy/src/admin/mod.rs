@@ -12,12 +12,8 @@ use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -26,35 +22,11 @@ use tokio_util::sync::CancellationToken;
 const MAX_BODY: usize = 64 * 1024;
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
-    loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.cancelled() => return,
-        };
+    kp5_shared::http::serve(listener, stop, "admin", move |req| {
         let shared = shared.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(req, &shared).await) }
-            });
-            let mut b = hyper::server::conn::http1::Builder::new();
-            b.timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10));
-            let conn = b.serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = crate::server::until_done(conn, &stop, |c| c.graceful_shutdown()).await
-            {
-                tracing::debug!(error = %e, "admin connection ended with an error");
-            }
-        });
-    }
+        async move { route(req, &shared).await }
+    })
+    .await
 }
 
 pub type Resp = Response<Full<Bytes>>;

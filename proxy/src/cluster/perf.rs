@@ -106,8 +106,16 @@ impl Cluster {
             return Ok(Vec::new());
         }
         let keys: Vec<String> = proxies.iter().map(|p| self.keys.perf_sample(p)).collect();
+        self.mget_json(&keys).await
+    }
+
+    /// The JSON values of `keys` that exist and parse.
+    async fn mget_json<T: serde::de::DeserializeOwned>(
+        &self,
+        keys: &[String],
+    ) -> redis::RedisResult<Vec<T>> {
         let raw: Vec<Option<String>> = redis::cmd("MGET")
-            .arg(&keys)
+            .arg(keys)
             .query_async(&mut self.conn())
             .await?;
         Ok(raw
@@ -245,15 +253,7 @@ impl Cluster {
             return Ok(Vec::new());
         }
         let keys: Vec<String> = ids.iter().map(|i| self.keys.alert(i)).collect();
-        let raw: Vec<Option<String>> = redis::cmd("MGET")
-            .arg(&keys)
-            .query_async(&mut self.conn())
-            .await?;
-        Ok(raw
-            .into_iter()
-            .flatten()
-            .filter_map(|s| serde_json::from_str(&s).ok())
-            .collect())
+        self.mget_json(&keys).await
     }
 
     /// Resolves an alert through the API; `None` if unknown.
