@@ -37,7 +37,8 @@ impl Drop for TempDir {
     }
 }
 
-fn sibling_bin(name: &str) -> PathBuf {
+/// A binary built next to `kp5-proxy` (`kp5-agent`, `kp5-loadgen`).
+pub fn sibling_bin(name: &str) -> PathBuf {
     let bin = proxy_bin().with_file_name(name);
     assert!(
         bin.exists(),
