@@ -577,7 +577,8 @@ fn spawn_tunnel(
             (Ok(c), Ok(s)) => {
                 match (c.downcast::<TokioIo<TcpStream>>(), s.downcast::<TokioIo<TcpStream>>()) {
                     (Ok(c), Ok(s)) => {
-                        let sum = tunnel::run(c.io.into_inner(), &c.read_buf, s.io.into_inner(), &s.read_buf, opts, close).await;
+                        // move the read-ahead buffers in, so nothing of hyper's outlives the handshake
+                        let sum = tunnel::run(c.io.into_inner(), c.read_buf, s.io.into_inner(), s.read_buf, opts, close).await;
                         tracing::debug!(server = %server_id, end = ?sum.end, up = sum.bytes_up, down = sum.bytes_down, "tunnel closed");
                     }
                     _ => tracing::error!(server = %server_id, "upgraded connection is not a TCP stream; closing"),

@@ -161,9 +161,9 @@ impl Dir {
 /// bytes already read past the HTTP heads.
 pub async fn run(
     mut client: TcpStream,
-    client_early: &[u8],
+    client_early: bytes::Bytes,
     mut server: TcpStream,
-    server_early: &[u8],
+    server_early: bytes::Bytes,
     opts: Options,
     shutdown: CancellationToken,
 ) -> Summary {
@@ -173,13 +173,15 @@ pub async fn run(
         up.frames = Some(FrameTracker::default());
         down.frames = Some(FrameTracker::default());
     }
+    // copy what hyper read ahead and let its buffers go: an idle tunnel
+    // keeps no data buffer (SPEC 6)
     for (dir, early) in [(&mut up, client_early), (&mut down, server_early)] {
         if !early.is_empty() {
             dir.bytes += early.len() as u64;
             if let Some(t) = dir.frames.as_mut() {
-                t.feed(early);
+                t.feed(&early);
             }
-            dir.pending.extend_from_slice(early);
+            dir.pending.extend_from_slice(&early);
         }
     }
 
@@ -317,9 +319,9 @@ mod tests {
         let (proxy_s, mut server) = pair().await;
         let t = tokio::spawn(run(
             proxy_c,
-            b"early",
+            bytes::Bytes::from_static(b"early"),
             proxy_s,
-            b"",
+            bytes::Bytes::new(),
             Options {
                 idle_timeout: Duration::from_secs(30),
                 websocket: false,
@@ -357,9 +359,9 @@ mod tests {
         let (proxy_s, mut server) = pair().await;
         let t = tokio::spawn(run(
             proxy_c,
-            b"",
+            bytes::Bytes::new(),
             proxy_s,
-            b"",
+            bytes::Bytes::new(),
             Options {
                 idle_timeout: Duration::from_millis(200),
                 websocket: true,

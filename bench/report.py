@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Turns bench/results/latest.json (from bench/run.sh) into the comparison
+table of docs/benchmarks.md (between its comparison markers) and the chart
+docs/benchmarks.svg. Every figure is the median of the rounds; the spread
+(min-max) is shown beside it. Nothing here is typed in by hand."""
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROXIES = ["kp5", "nginx", "haproxy"]
+
+
+def ms(v):
+    v = str(v)
+    for unit, f in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+        if v.endswith(unit):
+            return float(v[: -len(unit)]) * f
+    return float(v)
+
+
+def load(path):
+    rows = json.loads(Path(path).read_text())
+    figures = {}  # (metric, proxy) -> [values]
+
+    def add(metric, proxy, value):
+        figures.setdefault((metric, proxy), []).append(value)
+
+    for r in rows:
+        p, t = r["proxy"], r["test"]
+        if t == "http1":
+            add("http1_rps", p, float(r["rps"]))
+            add("http1_p99_ms", p, ms(r["p99"]))
+            secs = float(r.get("seconds", 8.0))
+            if float(r.get("cpuSeconds", 0)) > 0:
+                add("http1_per_core_s", p, float(r["rps"]) * secs / float(r["cpuSeconds"]))
+        elif t == "http2":
+            add("http2_rps", p, float(r["rps"]))
+        elif t == "ws":
+            rep = r["report"]
+            add("ws_msgs", p, float(rep["messagesPerSecond"]))
+            add("ws_p99_ms", p, float(rep["rttMs"]["p99"]))
+            add("ws_errors", p, float(rep["errors"] + rep["connectErrors"]))
+            if float(r.get("cpuSeconds", 0)) > 0:
+                add("ws_per_core_s", p, float(rep["received"]) / float(r["cpuSeconds"]))
+        elif t == "idle":
+            n = r["connections"]
+            per = (r["heldKiB"] - r["baseKiB"]) / max(r["connected"], 1)
+            add(f"idle_kib_{n}", p, per)
+            add(f"idle_connected_{n}", p, float(r["connected"]))
+    return figures
+
+
+LABELS = [
+    ("http1_rps", "HTTP/1.1 keep-alive requests/s (wrk, 50 conns)", True),
+    ("http1_p99_ms", "HTTP/1.1 p99 latency, ms", False),
+    ("http1_per_core_s", "HTTP/1.1 requests per proxy core-second", True),
+    ("http2_rps", "HTTP/2 requests/s (h2load, 10 conns x 10 streams)", True),
+    ("ws_msgs", "WebSocket echo messages/s (200 conns, 64 B)", True),
+    ("ws_p99_ms", "WebSocket p99 round trip, ms", False),
+    ("ws_per_core_s", "WebSocket messages per proxy core-second", True),
+    ("idle_kib_1000", "KiB per idle WebSocket, 1,000 open", False),
+    ("idle_kib_5000", "KiB per idle WebSocket, 5,000 open", False),
+    ("idle_kib_9000", "KiB per idle WebSocket, 9,000 open", False),
+    ("idle_connected_9000", "WebSockets held of 9,000", True),
+]
+
+
+def fmt(v):
+    if v >= 1000:
+        return f"{v:,.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def table(figures, rounds):
+    lines = [
+        f"| figure | kp5-proxy | nginx | HAProxy | kp5 / nginx | kp5 / HAProxy |",
+        "|---|---|---|---|---|---|",
+    ]
+    ratios = []
+    for key, label, higher in LABELS:
+        vals = {p: figures.get((key, p)) for p in PROXIES}
+        if not all(vals.values()):
+            continue
+        med = {p: statistics.median(v) for p, v in vals.items()}
+        cell = lambda p: f"{fmt(med[p])} ({fmt(min(vals[p]))}–{fmt(max(vals[p]))})"
+        r = lambda o: med["kp5"] / med[o] if med[o] else float("nan")
+        lines.append(
+            f"| {label} | {cell('kp5')} | {cell('nginx')} | {cell('haproxy')} | {r('nginx'):.2f} | {r('haproxy'):.2f} |"
+        )
+        ratios.append((label, r("nginx"), r("haproxy"), higher))
+    return "\n".join(lines), ratios
+
+
+def svg(ratios):
+    w, row, left = 760, 34, 330
+    h = 40 + row * len(ratios)
+    scale = (w - left - 60) / 2.0  # ratio 2.0 fills the width
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+        f'<text x="10" y="20" font-weight="bold">kp5-proxy relative to nginx (blue) and HAProxy (orange); 1.0 = equal</text>',
+    ]
+    x1 = left + scale
+    out.append(f'<line x1="{x1}" y1="28" x2="{x1}" y2="{h - 4}" stroke="#888" stroke-dasharray="4 3"/>')
+    for i, (label, rn, rh, higher) in enumerate(ratios):
+        y = 34 + i * row
+        better = "higher is better" if higher else "lower is better"
+        out.append(f'<text x="10" y="{y + 14}">{label}</text>')
+        out.append(f'<text x="10" y="{y + 26}" fill="#666" font-size="10">{better}</text>')
+        for j, (r, colour) in enumerate(((rn, "#3b6fb6"), (rh, "#e08a2c"))):
+            bw = max(1.0, min(r, 2.0) * scale)
+            out.append(f'<rect x="{left}" y="{y + 2 + j * 13}" width="{bw:.1f}" height="11" fill="{colour}"/>')
+            out.append(f'<text x="{left + bw + 4:.1f}" y="{y + 12 + j * 13}" font-size="10">{r:.2f}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def main():
+    path = sys.argv[1] if len(sys.argv) > 1 else ROOT / "bench/results/latest.json"
+    figures = load(path)
+    rounds = len(figures.get(("http1_rps", "kp5"), []))
+    tab, ratios = table(figures, rounds)
+    (ROOT / "docs/benchmarks.svg").write_text(svg(ratios))
+    doc = ROOT / "docs/benchmarks.md"
+    text = doc.read_text()
+    start, end = "<!-- comparison:start -->", "<!-- comparison:end -->"
+    body = (
+        f"{start}\n"
+        f"Median of {rounds} alternating rounds (spread min–max in brackets), from\n"
+        f"`bench/results/latest.json`; regenerate with `bash bench/run.sh`.\n\n"
+        f"{tab}\n\n![ratios](benchmarks.svg)\n{end}"
+    )
+    if start in text:
+        pre, rest = text.split(start, 1)
+        text = pre + body + rest.split(end, 1)[1]
+    else:
+        text += "\n" + body + "\n"
+    doc.write_text(text)
+    print(tab)
+
+
+if __name__ == "__main__":
+    main()

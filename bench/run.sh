@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# The comparison run of issue 6: the same two backends behind kp5-proxy,
+# nginx and HAProxy (one worker each, the proxy pinned to core 0, clients and
+# backends on core 1), in alternating rounds:
+#   - HTTP/1.1 keep-alive requests/s and latency (wrk)
+#   - HTTP/2 requests/s (h2load, cleartext prior knowledge)
+#   - WebSocket echo relay: messages/s and round trip (kp5-loadgen, closed loop)
+#   - memory per idle proxied WebSocket at 1,000 / 5,000 / 9,000 connections
+#     (RSS of all the proxy's processes, minus its RSS before connecting)
+# Results: bench/results/latest.json; the table and chart in docs/ come from
+# bench/report.py. Usage: bash bench/run.sh [ROUNDS] (default 3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${1:-3}
+DUR=${BENCH_SECONDS:-8}
+IDLE_SIZES=${BENCH_IDLE_SIZES:-"1000 5000 9000"}
+W=/tmp/kp5-bench
+mkdir -p "$W" bench/results
+
+have() { command -v "$1" >/dev/null 2>&1; }
+need=()
+for t in nginx haproxy wrk h2load; do have "$t" || need+=("$t"); done
+if [ ${#need[@]} -gt 0 ]; then
+  pkgs=$(echo "${need[@]}" | sed 's/h2load/nghttp2-client/')
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $pkgs >/dev/null
+fi
+ulimit -n 20000
+cargo build --release -q -p kp5-proxy -p kp5-tests -p kp5-bench --bins
+BIN=target/release
+
+pids=()
+cleanup() {
+  for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done
+  [ -f $W/nginx.pid ] && kill "$(cat $W/nginx.pid)" 2>/dev/null || true
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 did not open" >&2; exit 1; }
+
+# backends: two demo match servers (HTTP and WebSocket echo), on core 1
+for i in 1 2; do
+  taskset -c 1 $BIN/kp5-demo-server --id b$i --listen 127.0.0.1:310$i >$W/b$i.log 2>&1 & pids+=($!)
+done
+wait_port 3101; wait_port 3102
+
+cat >$W/kp5.toml <<EOF
+[proxy]
+listen = ["127.0.0.1:8081"]
+worker_threads = 1
+[admin]
+listen = "127.0.0.1:9981"
+token = "bench"
+[log]
+level = "warn"
+access_log = false
+[[routes]]
+path_prefix = "/"
+pool = "p"
+[pools.p]
+strategy = "least_connections"
+max_connections_per_server = 20000
+max_matches_per_server = 20000
+match_id = [{ from = "path", pattern = "/matches/{id}" }]
+backends = [{ id = "b1", address = "127.0.0.1:3101" }, { id = "b2", address = "127.0.0.1:3102" }]
+EOF
+
+cat >$W/nginx.conf <<EOF
+worker_processes 1;
+worker_rlimit_nofile 20000;
+pid $W/nginx.pid;
+error_log $W/nginx-error.log warn;
+events { worker_connections 20000; }
+http {
+  access_log off;
+  upstream backends { least_conn; server 127.0.0.1:3101; server 127.0.0.1:3102; keepalive 256; }
+  map \$http_upgrade \$connection_upgrade { default upgrade; '' ''; }
+  server {
+    listen 127.0.0.1:8092 http2;
+    location / {
+      proxy_pass http://backends;
+      proxy_http_version 1.1;
+      proxy_set_header Host \$host;
+      proxy_set_header Connection "";
+    }
+  }
+  server {
+    listen 127.0.0.1:8082;
+    location / {
+      proxy_pass http://backends;
+      proxy_http_version 1.1;
+      proxy_set_header Host \$host;
+      proxy_set_header Upgrade \$http_upgrade;
+      proxy_set_header Connection \$connection_upgrade;
+      proxy_read_timeout 3600s;
+      proxy_send_timeout 3600s;
+    }
+  }
+}
+EOF
+
+cat >$W/haproxy.cfg <<EOF
+global
+  maxconn 9900
+  nbthread 1
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 3600s
+  timeout server 3600s
+  timeout tunnel 3600s
+  option http-keep-alive
+frontend fe
+  bind 127.0.0.1:8083
+  bind 127.0.0.1:8093 proto h2
+  default_backend be
+backend be
+  balance leastconn
+  http-reuse always
+  server b1 127.0.0.1:3101 maxconn 10000
+  server b2 127.0.0.1:3102 maxconn 10000
+EOF
+
+start() { # name → pid of the process to measure (all its processes are summed)
+  case $1 in
+    kp5) taskset -c 0 $BIN/kp5-proxy --config $W/kp5.toml >$W/kp5.log 2>&1 & echo $! ;;
+    nginx) taskset -c 0 nginx -c $W/nginx.conf -g 'daemon off;' >$W/nginx.log 2>&1 & echo $! ;;
+    haproxy) taskset -c 0 haproxy -f $W/haproxy.cfg >$W/haproxy.log 2>&1 & echo $! ;;
+  esac
+}
+port() { case $1 in kp5) echo 8081 ;; nginx) echo 8082 ;; haproxy) echo 8083 ;; esac; }
+h2port() { case $1 in kp5) echo 8081 ;; nginx) echo 8092 ;; haproxy) echo 8093 ;; esac; }
+rss_kib() { # the process and its children
+  local total=0
+  for p in $1 $(pgrep -P "$1" || true); do
+    total=$((total + $(awk '/VmRSS/ {print $2}' /proc/$p/status 2>/dev/null || echo 0)))
+  done
+  echo $total
+}
+cpu_ticks() {
+  local total=0
+  for p in $1 $(pgrep -P "$1" || true); do
+    total=$((total + $(awk '{print $14 + $15}' /proc/$p/stat 2>/dev/null || echo 0)))
+  done
+  echo $total
+}
+
+out=bench/results/latest.json
+echo "[" >$out
+first=1
+emit() { if [ $first = 1 ]; then first=0; else echo "," >>$out; fi; echo "$1" >>$out; }
+
+for round in $(seq 1 "$ROUNDS"); do
+  for name in kp5 nginx haproxy; do
+    pid=$(start $name)
+    wait_port "$(port $name)"
+    sleep 0.5
+    p=$(port $name)
+    echo "round $round: $name"
+    # HTTP/1.1 keep-alive
+    taskset -c 1 wrk -t1 -c50 -d2s http://127.0.0.1:$p/ >/dev/null 2>&1 || true
+    t0=$(cpu_ticks $pid)
+    w=$(taskset -c 1 wrk -t1 -c50 -d${DUR}s --latency http://127.0.0.1:$p/)
+    t1=$(cpu_ticks $pid)
+    rps=$(echo "$w" | awk '/Requests\/sec/ {print $2}')
+    p99=$(echo "$w" | awk '$1=="99%" {print $2}')
+    emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"http1\",\"rps\":$rps,\"p99\":\"$p99\",\"seconds\":$DUR,\"cpuSeconds\":$(echo "($t1-$t0)/100" | bc -l)}"
+    # HTTP/2
+    h=$(taskset -c 1 h2load -n 100000 -c 10 -m 10 http://127.0.0.1:$(h2port $name)/ 2>&1 || true)
+    h2rps=$(echo "$h" | awk '/finished in/ {gsub(",","",$4); print $4}')
+    emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"http2\",\"rps\":${h2rps:-0}}"
+    # WebSocket echo relay, 200 connections, 64-byte messages
+    t0=$(cpu_ticks $pid)
+    l=$(taskset -c 1 $BIN/kp5-loadgen --url "ws://127.0.0.1:$p/matches/{match}/ws" --connections 200 --matches 20 --mode closed --duration $DUR --size 64 | tail -1)
+    t1=$(cpu_ticks $pid)
+    emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"ws\",\"report\":$l,\"cpuSeconds\":$(echo "($t1-$t0)/100" | bc -l)}"
+    kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true
+    [ $name = nginx ] && sleep 0.3
+    # memory per idle WebSocket: a fresh process per size
+    for n in $IDLE_SIZES; do
+      pid=$(start $name)
+      wait_port "$p"
+      sleep 0.5
+      base=$(rss_kib $pid)
+      fifo=$W/idle.out
+      taskset -c 1 $BIN/kp5-loadgen --url "ws://127.0.0.1:$p/matches/{match}/ws" --connections $n --matches 100 --mode idle --duration 4 --sources 4 --connect-concurrency 500 >$fifo 2>&1 &
+      lg=$!
+      for _ in $(seq 1 600); do grep -q ready $fifo && break; sleep 0.05; done
+      sleep 1
+      held=$(rss_kib $pid)
+      wait $lg || true
+      connected=$(tail -1 $fifo | sed 's/.*"connected":\([0-9]*\).*/\1/')
+      emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"idle\",\"connections\":$n,\"connected\":${connected:-0},\"baseKiB\":$base,\"heldKiB\":$held}"
+      kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true
+      sleep 0.3
+    done
+  done
+done
+echo "]" >>$out
+python3 bench/report.py $out
