@@ -245,7 +245,8 @@ pub async fn run(
     };
 
     if matches!(end, End::Idle | End::Shutdown) {
-        going_away(&mut client, &mut server, &mut up, &mut down).await;
+        // boxed: its state is only needed while closing, not in every idle tunnel
+        Box::pin(going_away(&mut client, &mut server, &mut up, &mut down)).await;
     }
     Summary {
         end,
@@ -294,9 +295,10 @@ async fn going_away(client: &mut TcpStream, server: &mut TcpStream, up: &mut Dir
     }
 }
 
-/// Reads and discards until the peer closes its side.
+/// Reads and discards until the peer closes its side. The buffer is on the
+/// heap: a local array would sit in every tunnel's future, idle or not.
 async fn read_to_eof(s: &mut TcpStream) -> io::Result<()> {
-    let mut sink = [0u8; 1024];
+    let mut sink = vec![0u8; 1024];
     while s.read(&mut sink).await? != 0 {}
     Ok(())
 }
