@@ -31,7 +31,7 @@ struct RawAgent {
     events_max_len: Option<u64>,
     ended_retention_ms: Option<u64>,
     idle_retention_ms: Option<u64>,
-    metrics_retention_hours: Option<u64>,
+    metrics_retention_hours: Option<f64>,
     max_metrics_stored: Option<u64>,
 }
 
@@ -264,9 +264,9 @@ impl Config {
         let retention_hours = match a.metrics_retention_hours {
             Some(h) => h,
             None => {
-                kp5_shared::env::parse_var(env, "METRICS_RETENTION_HOURS", |s| s.parse::<u64>())
+                kp5_shared::env::parse_var(env, "METRICS_RETENTION_HOURS", |s| s.parse::<f64>())
                     .map_err(ConfigError::Env)?
-                    .unwrap_or(24)
+                    .unwrap_or(24.0)
             }
         };
         let max_stored = match a.max_metrics_stored {
@@ -275,10 +275,10 @@ impl Config {
                 .map_err(ConfigError::Env)?
                 .unwrap_or(1000),
         };
-        if !(1..=24 * 366).contains(&retention_hours) {
+        if !(retention_hours > 0.0 && retention_hours <= 24.0 * 366.0) {
             return Err(invalid(
                 "agent.metrics_retention_hours",
-                format!("{retention_hours} is outside 1..=8784"),
+                format!("{retention_hours} must be above 0 (and at most 8784)"),
             ));
         }
         if !(1..=1_000_000).contains(&max_stored) {
@@ -341,7 +341,7 @@ impl Config {
             events_max_len,
             ended_retention: Duration::from_millis(ended),
             idle_retention: Duration::from_millis(idle),
-            metrics_retention: Duration::from_secs(retention_hours * 3600),
+            metrics_retention: Duration::from_secs_f64(retention_hours * 3600.0),
             max_metrics_stored: max_stored,
             redis,
         })
@@ -392,6 +392,11 @@ mod tests {
         assert_eq!(c.server_id, "flag");
         assert_eq!(c.redis.unwrap().target.url, "redis://env:2");
         assert!(matches!(c.load, LoadSource::Scrape { .. }));
+        // the seed's retention variable, fractions allowed as on the proxy
+        let env = MapEnv::new().with("METRICS_RETENTION_HOURS", "0.5");
+        let c =
+            Config::from_toml("[agent]\nadvertise = \"h:1\"\nserver_id = \"a\"\n", &env).unwrap();
+        assert_eq!(c.metrics_retention, Duration::from_secs(1800));
         // everything from flags, no file at all
         let o = Overrides {
             server_id: Some("s".into()),

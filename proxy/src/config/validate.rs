@@ -528,6 +528,28 @@ backends = [
     }
 
     #[test]
+    fn monitoring_retention_takes_whole_and_fractional_hours() {
+        let c = Config::from_toml(
+            &format!("{GOOD}\n[monitoring]\nretention_hours = 2\n"),
+            &MapEnv::new(),
+        )
+        .unwrap();
+        assert_eq!(c.monitoring.retention_hours, 2.0);
+        let c = Config::from_toml(
+            &format!("{GOOD}\n[monitoring]\nretention_hours = 0.5\n"),
+            &MapEnv::new(),
+        )
+        .unwrap();
+        assert_eq!(c.monitoring.retention_ms(), 1_800_000);
+        let e = Config::from_toml(
+            &format!("{GOOD}\n[monitoring]\nretention_hours = 0\n"),
+            &MapEnv::new(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("monitoring.retention_hours"), "{e}");
+    }
+
+    #[test]
     fn admin_off_loopback_needs_token() {
         let text = format!("{GOOD}\n[admin]\nlisten = \"0.0.0.0:9901\"\n");
         assert!(err(&text).contains("admin.token"));
