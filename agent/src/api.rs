@@ -5,7 +5,7 @@ use crate::registry::Agent;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -52,17 +52,13 @@ pub fn error(status: StatusCode, message: impl Into<String>) -> Resp {
 }
 
 async fn read_json(req: Request<Incoming>) -> Result<serde_json::Value, Resp> {
-    let body = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
+    use kp5_shared::http::{read_limited, BodyError};
+    let body = read_limited(req.into_body(), MAX_BODY)
         .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                error(StatusCode::PAYLOAD_TOO_LARGE, "body over 64 KiB")
-            } else {
-                error(StatusCode::BAD_REQUEST, format!("reading the body: {e}"))
-            }
-        })?
-        .to_bytes();
+        .map_err(|e| match e {
+            BodyError::TooLarge => error(StatusCode::PAYLOAD_TOO_LARGE, "body over 64 KiB"),
+            BodyError::Read(e) => error(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
+        })?;
     if body.is_empty() {
         return Ok(json!({}));
     }

@@ -167,17 +167,11 @@ fn if_match(headers: &HeaderMap) -> Result<String, Resp> {
 }
 
 async fn read_object(body: hyper::body::Incoming) -> Result<Map<String, serde_json::Value>, Resp> {
-    let bytes = http_body_util::Limited::new(body, MAX_STATE)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                error(StatusCode::PAYLOAD_TOO_LARGE, "state over 1 MiB")
-            } else {
-                error(StatusCode::BAD_REQUEST, format!("reading the body: {e}"))
-            }
-        })?
-        .to_bytes();
+    use kp5_shared::http::{read_limited, BodyError};
+    let bytes = read_limited(body, MAX_STATE).await.map_err(|e| match e {
+        BodyError::TooLarge => error(StatusCode::PAYLOAD_TOO_LARGE, "state over 1 MiB"),
+        BodyError::Read(e) => error(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
+    })?;
     match serde_json::from_slice::<serde_json::Value>(&bytes) {
         Ok(serde_json::Value::Object(m)) => Ok(m),
         Ok(_) => Err(error(

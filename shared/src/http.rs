@@ -13,6 +13,31 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// Why a request body could not be read whole.
+#[derive(Debug)]
+pub enum BodyError {
+    /// Over the limit (answer 413).
+    TooLarge,
+    /// The client broke off or sent garbage (answer 400).
+    Read(String),
+}
+
+/// Reads a request body of at most `max` bytes.
+pub async fn read_limited(body: Incoming, max: usize) -> Result<bytes::Bytes, BodyError> {
+    use http_body_util::BodyExt;
+    http_body_util::Limited::new(body, max)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                BodyError::TooLarge
+            } else {
+                BodyError::Read(e.to_string())
+            }
+        })
+}
+
 /// Drives a served connection to its end. When `stop` fires first, asks it
 /// to finish gracefully (in-flight requests complete, no new ones) and waits.
 /// `graceful` is the connection type's own `graceful_shutdown`.

@@ -10,7 +10,7 @@ pub mod views;
 use crate::app::Shared;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use serde_json::json;
 use std::sync::Arc;
@@ -61,17 +61,13 @@ fn authorized(req: &Request<Incoming>, token: Option<&str>) -> bool {
 }
 
 async fn read_json(req: Request<Incoming>) -> Result<serde_json::Value, Resp> {
-    let body = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
+    use kp5_shared::http::{read_limited, BodyError};
+    let body = read_limited(req.into_body(), MAX_BODY)
         .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                error(StatusCode::PAYLOAD_TOO_LARGE, "body over 64 KiB")
-            } else {
-                error(StatusCode::BAD_REQUEST, &format!("reading the body: {e}"))
-            }
-        })?
-        .to_bytes();
+        .map_err(|e| match e {
+            BodyError::TooLarge => error(StatusCode::PAYLOAD_TOO_LARGE, "body over 64 KiB"),
+            BodyError::Read(e) => error(StatusCode::BAD_REQUEST, &format!("reading the body: {e}")),
+        })?;
     serde_json::from_slice(&body)
         .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("body is not JSON: {e}")))
 }
