@@ -139,13 +139,6 @@ impl Cluster {
         v
     }
 
-    /// Ms since the last heartbeat of `id` reached this proxy.
-    pub fn heartbeat_age(&self, id: &str, now: u64) -> Option<u64> {
-        self.lock_known()
-            .get(id)
-            .map(|k| now.saturating_sub(k.last_seen))
-    }
-
     /// Redis answered (or failed): keeps `up` and the status in step.
     fn mark(&self, ok: bool, error: Option<String>) -> bool {
         let was = self.up.swap(ok, Relaxed);
