@@ -178,7 +178,7 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Resp {
     let query = req.uri().query().map(str::to_owned);
     match (req.method().clone(), pattern) {
         (Method::GET, "health") => views::health(shared),
-        (Method::GET, "overview") => views::overview(shared),
+        (Method::GET, "overview") => views::overview(shared).await,
         (Method::GET, "distributed/status") => ok(views::distributed_status(shared)),
         (Method::GET, "distributed/servers") => {
             ok(json!({ "servers": views::server_list(shared) }))
@@ -188,7 +188,7 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Resp {
         }
         (Method::GET, "loadbalancer/status") => ok(views::lb_status(shared)),
         (Method::GET, "loadbalancer/stats") => ok(views::stats(shared)),
-        (Method::GET, "loadbalancer/recommendations") => ok(views::recommendations(shared)),
+        (Method::GET, "loadbalancer/recommendations") => ok(views::recommendations(shared).await),
         (Method::GET, "loadbalancer/metrics") => ok(views::lb_metrics(shared)),
         (Method::GET, "loadbalancer/config") => ok(views::lb_config(shared)),
         (Method::PUT, "loadbalancer/config") => match read_json(req).await {

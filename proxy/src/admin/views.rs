@@ -248,7 +248,8 @@ fn pct(n: u64, of: u64) -> f64 {
 }
 
 /// `GET /overview`: everything at a glance.
-pub fn overview(shared: &Shared) -> Resp {
+pub async fn overview(shared: &Shared) -> Resp {
+    let t = thresholds(shared).await;
     let servers = server_list(shared);
     let alerts = shared.monitor.alerts();
     let open = alerts.iter().filter(|a| a.status == "open").count();
@@ -283,7 +284,7 @@ pub fn overview(shared: &Shared) -> Resp {
                 "noServer": c.no_capacity.load(Relaxed),
             },
             "openAlerts": open,
-            "recommendations": recommendation_list(shared).len(),
+            "recommendations": recommendation_list(shared, &t).len(),
             "config": shared.control().status(),
         }),
     )
@@ -396,8 +397,10 @@ pub fn lb_config(shared: &Shared) -> serde_json::Value {
 }
 
 /// Recommendations from the latest figures, each with the numbers behind it.
-pub fn recommendation_list(shared: &Shared) -> Vec<serde_json::Value> {
-    let t = shared.monitor.thresholds();
+pub fn recommendation_list(
+    shared: &Shared,
+    t: &crate::monitor::Thresholds,
+) -> Vec<serde_json::Value> {
     let servers = server_list(shared);
     let mut out = Vec::new();
     let usable: Vec<_> = servers
@@ -499,8 +502,10 @@ pub fn recommendation_list(shared: &Shared) -> Vec<serde_json::Value> {
     out
 }
 
-pub fn recommendations(shared: &Shared) -> serde_json::Value {
-    json!({ "recommendations": recommendation_list(shared), "thresholds": shared.monitor.thresholds() })
+/// Judged by the thresholds in effect (the cluster's, with Redis).
+pub async fn recommendations(shared: &Shared) -> serde_json::Value {
+    let t = thresholds(shared).await;
+    json!({ "recommendations": recommendation_list(shared, &t), "thresholds": t })
 }
 
 /// The cluster's Redis when it is up (monitoring data lives there then).
@@ -805,7 +810,7 @@ pub async fn match_scaling(shared: &Shared, id: &str) -> Resp {
     let s = &u.state;
     let cu = pct(s.cluster_connections(), u.max_connections);
     let mu = pct(s.cluster_matches(), u.max_matches);
-    let t = shared.monitor.thresholds();
+    let t = thresholds(shared).await;
     let recommendation = if !s.alive(now) {
         "the server is down: the next connection of the match moves it to a live one".to_owned()
     } else if s.draining.load(Relaxed) {
