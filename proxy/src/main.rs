@@ -70,10 +70,18 @@ fn init_logging(config: &Config) {
 }
 
 fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = config.proxy.worker_threads {
-        rt.worker_threads(n);
-    }
+    // One worker is one event loop, like one nginx worker process: the
+    // current-thread scheduler skips the work-stealing machinery (and the
+    // hand-offs between the main thread and the single worker).
+    let mut rt = match config.proxy.worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let rt = rt.enable_all().build().context("starting the runtime")?;
     rt.block_on(async {
         let drain = config.proxy.drain_timeout;
