@@ -64,6 +64,10 @@ pub struct Shared {
     pub started_at: u64,
     /// Performance samples, thresholds and alerts.
     pub monitor: crate::monitor::Monitor,
+    /// Certificates by SNI, the TLS acceptor, TLS clients of backends.
+    pub tls: crate::tls::TlsState,
+    /// Told when a watched certificate or key file changes.
+    pub(crate) cert_events: tokio::sync::mpsc::UnboundedSender<()>,
 }
 
 /// Per client connection.
@@ -74,7 +78,12 @@ pub struct ConnCtx {
 }
 
 impl Shared {
-    fn new(config: Arc<Config>, cluster: Option<Arc<Cluster>>) -> Arc<Shared> {
+    fn new(
+        config: Arc<Config>,
+        cluster: Option<Arc<Cluster>>,
+        tls: crate::tls::TlsState,
+        cert_events: tokio::sync::mpsc::UnboundedSender<()>,
+    ) -> Arc<Shared> {
         let p = &config.proxy;
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
@@ -106,6 +115,8 @@ impl Shared {
             build: std::sync::Mutex::new(()),
             control: std::sync::OnceLock::new(),
             started_at: kp5_shared::wire::unix_ms(),
+            tls,
+            cert_events,
         })
     }
 
@@ -156,6 +167,11 @@ impl Shared {
     /// Live state (counts, health, matches) carries over by server id.
     pub fn apply(self: &Arc<Self>, config: Config) {
         self.install(Arc::new(config));
+    }
+
+    /// [`Shared::apply`] of a shared config.
+    pub fn apply_arc(self: &Arc<Self>, config: Arc<Config>) {
+        self.install(config);
     }
 
     fn restart_checkers(self: &Arc<Self>) {
@@ -228,7 +244,22 @@ pub async fn start_with(config: Config, opts: Options) -> Result<ProxyHandle, St
         source,
     })?;
 
-    let shared = Shared::new(config, cluster.as_ref().map(|(c, _)| c.clone()));
+    let tls = crate::tls::TlsState::default();
+    // a few small file reads, once at start-up
+    let prepared = tls.prepare(&config).map_err(StartError::Tls)?;
+    let mut tls_listeners = Vec::new();
+    for &addr in config.proxy.tls.iter().flat_map(|t| &t.listen) {
+        let l = server::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
+        tls_listeners.push((addr, l));
+    }
+    let watch_certs = tls.commit(prepared);
+    let (cert_tx, cert_rx) = tokio::sync::mpsc::unbounded_channel();
+    let shared = Shared::new(
+        config,
+        cluster.as_ref().map(|(c, _)| c.clone()),
+        tls,
+        cert_tx,
+    );
     let stop = CancellationToken::new();
     let conns = TaskTracker::new();
     let tasks = TaskTracker::new();
@@ -244,8 +275,15 @@ pub async fn start_with(config: Config, opts: Options) -> Result<ProxyHandle, St
         unreachable!("a new Shared has no control yet");
     }
     for (addr, l) in listeners {
-        shared.control().add_listener(&shared, addr, l);
+        shared.control().add_listener(&shared, addr, l, false);
     }
+    for (addr, l) in tls_listeners {
+        shared.control().add_listener(&shared, addr, l, true);
+    }
+    if let Some(files) = watch_certs {
+        shared.control().watch_certs(&shared, files);
+    }
+    tasks.spawn(reload::cert_reloader(shared.clone(), cert_rx, stop.clone()));
     let listen = shared.control().listening();
     let admin = admin_listener.local_addr().unwrap_or(admin_addr);
     tasks.spawn(admin::serve(admin_listener, shared.clone(), stop.clone()));
@@ -294,9 +332,14 @@ impl ProxyHandle {
         self.shared.reload_with(config, "api").await
     }
 
-    /// Bound addresses of the data-plane listeners now.
+    /// Bound addresses of the plain data-plane listeners now.
     pub fn listening(&self) -> Vec<SocketAddr> {
         self.shared.control().listening()
+    }
+
+    /// Bound addresses of the TLS listeners now.
+    pub fn listening_tls(&self) -> Vec<SocketAddr> {
+        self.shared.control().listening_tls()
     }
 
     /// Graceful shutdown: stop accepting, let in-flight HTTP finish, give open

@@ -17,6 +17,7 @@ pub mod reload;
 pub mod runtime;
 pub mod server;
 pub mod state;
+pub mod tls;
 pub mod tunnel;
 
 pub use app::{start, start_with, Options, ProxyHandle, StartError};

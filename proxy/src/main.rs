@@ -39,6 +39,11 @@ fn main() -> ExitCode {
         }
     };
     if cli.check {
+        // certificates, keys and CAs are read and matched too, as at start
+        if let Err(e) = kp5_proxy::tls::TlsState::default().prepare(&config) {
+            eprintln!("kp5-proxy: {}: {e}", cli.config.display());
+            return ExitCode::from(64);
+        }
         println!(
             "kp5-proxy: {}: configuration is valid",
             cli.config.display()

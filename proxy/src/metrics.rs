@@ -122,6 +122,27 @@ impl prometheus_client::collector::Collector for Collector {
             Const(c.reloads_failed.load(Relaxed), MetricType::Counter)
                 .encode(m.encode_family(&[("result", "error")])?)?;
         }
+        let t = &shared.tls;
+        for (name, help, ok, failed) in [
+            (
+                "kp5_tls_handshakes",
+                "TLS handshakes on the TLS listeners, by result.",
+                &t.handshakes_ok,
+                &t.handshakes_failed,
+            ),
+            (
+                "kp5_tls_certificate_reloads",
+                "Certificate reloads after their files changed, by result (error: the previous pairs keep serving).",
+                &t.cert_reloads_ok,
+                &t.cert_reloads_failed,
+            ),
+        ] {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            Const(ok.load(Relaxed), MetricType::Counter)
+                .encode(m.encode_family(&[("result", "ok")])?)?;
+            Const(failed.load(Relaxed), MetricType::Counter)
+                .encode(m.encode_family(&[("result", "error")])?)?;
+        }
 
         if let Some(cl) = &shared.cluster {
             one(

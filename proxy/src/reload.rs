@@ -43,20 +43,24 @@ pub struct Rejected {
     pub reason: String,
 }
 
+/// The source of a certificate reload after its files changed.
+pub const CERT_FILES: &str = "certificate-files";
+
 /// The source of a reload made by `PUT /api/scaling/loadbalancer/config`.
 pub const ADMIN_CONFIG: &str = "admin-config";
 
 struct Listening {
     bound: SocketAddr,
     stop: CancellationToken,
+    tls: bool,
 }
 
 /// The parts of a running proxy a reload changes besides the runtime.
 pub struct Control {
     config_path: Option<PathBuf>,
     env: Arc<dyn Env + Send + Sync>,
-    /// Configured address → its accept loop.
-    listeners: Mutex<BTreeMap<SocketAddr, Listening>>,
+    /// (Configured address, TLS) → its accept loop.
+    listeners: Mutex<BTreeMap<(SocketAddr, bool), Listening>>,
     /// Stops every accept loop and asks connections to finish (shutdown).
     stop: CancellationToken,
     conns: TaskTracker,
@@ -102,12 +106,22 @@ impl Control {
             .clone()
     }
 
-    /// Bound addresses of the data-plane listeners, in configured order.
+    /// Bound addresses of the plain data-plane listeners.
     pub fn listening(&self) -> Vec<SocketAddr> {
+        self.bound(false)
+    }
+
+    /// Bound addresses of the TLS listeners.
+    pub fn listening_tls(&self) -> Vec<SocketAddr> {
+        self.bound(true)
+    }
+
+    fn bound(&self, tls: bool) -> Vec<SocketAddr> {
         self.listeners
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
+            .filter(|l| l.tls == tls)
             .map(|l| l.bound)
             .collect()
     }
@@ -118,6 +132,7 @@ impl Control {
         shared: &Arc<Shared>,
         configured: SocketAddr,
         listener: tokio::net::TcpListener,
+        tls: bool,
     ) {
         let bound = listener.local_addr().unwrap_or(configured);
         let stop = self.stop.child_token();
@@ -127,12 +142,69 @@ impl Control {
             stop.clone(),
             self.stop.clone(),
             self.conns.clone(),
+            tls,
         ));
-        tracing::info!(%configured, %bound, "listening");
+        tracing::info!(%configured, %bound, tls, "listening");
         self.listeners
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(configured, Listening { bound, stop });
+            .insert((configured, tls), Listening { bound, stop, tls });
+    }
+
+    /// Watches `files` (certificates and keys) instead of those watched now.
+    pub fn watch_certs(&self, shared: &Shared, files: std::collections::BTreeSet<PathBuf>) {
+        if files.is_empty() {
+            shared.tls.set_watcher(None);
+            return;
+        }
+        match crate::tls::watch_files(&files, shared.cert_events.clone()) {
+            Ok(w) => shared.tls.set_watcher(Some((files, w))),
+            Err(e) => {
+                tracing::warn!(error = %e, "certificate files not watched; a reload still re-reads them")
+            }
+        }
+    }
+
+    /// Re-reads the certificates of the config in effect (their files
+    /// changed). A pair that does not load leaves the old ones serving.
+    pub async fn reload_certs(&self, shared: &Arc<Shared>) -> Result<(), String> {
+        let _one = self.serial.lock().await;
+        let Some(settings) = shared.runtime.load().config.proxy.tls.clone() else {
+            return Ok(());
+        };
+        let loaded = tokio::task::spawn_blocking(move || crate::tls::CertSet::load(&settings))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+        match loaded {
+            Ok(set) => {
+                shared.tls.swap_certs(set);
+                shared.tls.cert_reloads_ok.fetch_add(1, Relaxed);
+                tracing::info!("certificates reloaded");
+                let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+                if st
+                    .last_error
+                    .as_ref()
+                    .is_some_and(|e| e.source == CERT_FILES)
+                {
+                    st.last_error = None;
+                }
+                Ok(())
+            }
+            Err(reason) => {
+                shared.tls.cert_reloads_failed.fetch_add(1, Relaxed);
+                tracing::error!(%reason, "certificates rejected; the previous ones keep serving");
+                self.status
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .last_error = Some(Rejected {
+                    at: unix_ms(),
+                    source: CERT_FILES.into(),
+                    reason: reason.clone(),
+                });
+                Err(reason)
+            }
+        }
     }
 
     fn reject(&self, shared: &Shared, source: &str, reason: String) -> String {
@@ -189,9 +261,31 @@ impl Control {
         config: Config,
         source: &str,
     ) -> Result<u64, String> {
+        // certificates, keys and CAs are read before anything changes
+        let config = Arc::new(config);
+        let prepared = {
+            let (shared2, config2) = (shared.clone(), config.clone());
+            tokio::task::spawn_blocking(move || shared2.tls.prepare(&config2))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r)
+        };
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(reason) => return Err(self.reject(shared, source, reason)),
+        };
         // bind what is new first: a failure rejects the whole reload
-        let wanted: Vec<SocketAddr> = config.proxy.listen.clone();
-        let current: Vec<SocketAddr> = self
+        let mut wanted: Vec<(SocketAddr, bool)> =
+            config.proxy.listen.iter().map(|a| (*a, false)).collect();
+        wanted.extend(
+            config
+                .proxy
+                .tls
+                .iter()
+                .flat_map(|t| &t.listen)
+                .map(|a| (*a, true)),
+        );
+        let current: Vec<(SocketAddr, bool)> = self
             .listeners
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -199,14 +293,26 @@ impl Control {
             .copied()
             .collect();
         let mut fresh = Vec::new();
-        for addr in wanted.iter().filter(|a| !current.contains(a)) {
-            match server::bind(*addr) {
-                Ok(l) => fresh.push((*addr, l)),
+        for &(addr, tls) in wanted.iter().filter(|w| !current.contains(w)) {
+            let field = if tls {
+                "proxy.tls.listen"
+            } else {
+                "proxy.listen"
+            };
+            if addr.port() != 0 && current.iter().any(|(a, _)| *a == addr) {
+                return Err(self.reject(
+                    shared,
+                    source,
+                    format!("{field}: {addr} changes between TLS and plain; remove it in one reload and add it back in the next"),
+                ));
+            }
+            match server::bind(addr) {
+                Ok(l) => fresh.push((addr, l, tls)),
                 Err(e) => {
                     return Err(self.reject(
                         shared,
                         source,
-                        format!("proxy.listen: cannot listen on {addr}: {e}"),
+                        format!("{field}: cannot listen on {addr}: {e}"),
                     ));
                 }
             }
@@ -225,16 +331,21 @@ impl Control {
                 }
             }
         }
+        // TLS first: the new runtime may route to pools whose TLS client is new
+        if let Some(files) = shared.tls.commit(prepared) {
+            self.watch_certs(shared, files);
+        }
         let shared2 = shared.clone();
-        tokio::task::spawn_blocking(move || shared2.apply(config))
+        tokio::task::spawn_blocking(move || shared2.apply_arc(config))
             .await
             .map_err(|e| self.reject(shared, source, e.to_string()))?;
-        for (addr, l) in fresh {
-            self.add_listener(shared, addr, l);
+        for (addr, l, tls) in fresh {
+            self.add_listener(shared, addr, l, tls);
         }
         let mut ls = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
-        ls.retain(|addr, l| {
-            let keep = wanted.contains(addr);
+        ls.retain(|key, l| {
+            let keep = wanted.contains(key);
+            let addr = key.0;
             if !keep {
                 tracing::info!(configured = %addr, bound = %l.bound, "listener removed; its open connections stay");
                 l.stop.cancel();
@@ -299,4 +410,22 @@ pub fn watch(shared: Arc<Shared>, path: PathBuf, stop: CancellationToken) -> Res
         }
     });
     Ok(())
+}
+
+/// Reloads the certificates when their files change, after writes settle
+/// (a certificate and its key are usually replaced one after the other).
+pub async fn cert_reloader(
+    shared: Arc<Shared>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<()>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            got = rx.recv() => if got.is_none() { return },
+            _ = stop.cancelled() => return,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        while rx.try_recv().is_ok() {}
+        let _ = shared.control().reload_certs(&shared).await;
+    }
 }

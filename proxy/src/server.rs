@@ -39,6 +39,7 @@ pub async fn accept_loop(
     accept_stop: CancellationToken,
     shutdown: CancellationToken,
     conns: TaskTracker,
+    tls: bool,
 ) {
     let stop = accept_stop;
     let mut backoff = Duration::from_millis(5);
@@ -54,9 +55,9 @@ pub async fn accept_loop(
                 let ctx = Arc::new(ConnCtx {
                     shared: shared.clone(),
                     peer,
-                    scheme: "http",
+                    scheme: if tls { "https" } else { "http" },
                 });
-                conns.spawn(serve(stream, ctx, shutdown.clone()));
+                conns.spawn(serve(stream, ctx, shutdown.clone(), tls));
             }
             Err(e) => {
                 // EMFILE and friends: wait and try again, never give up the listener
@@ -92,15 +93,19 @@ async fn is_h2(stream: &TcpStream) -> std::io::Result<Option<bool>> {
     }
 }
 
-async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, stop: CancellationToken) {
+async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, stop: CancellationToken, tls: bool) {
     let counters = ctx.shared.counters.clone();
     counters.connections_total.fetch_add(1, Relaxed);
     counters.connections_active.fetch_add(1, Relaxed);
-    serve_inner(stream, ctx, stop).await;
+    if tls {
+        serve_tls(stream, ctx, stop).await;
+    } else {
+        serve_plain(stream, ctx, stop).await;
+    }
     counters.connections_active.fetch_sub(1, Relaxed);
 }
 
-async fn serve_inner(stream: TcpStream, ctx: Arc<ConnCtx>, stop: CancellationToken) {
+async fn serve_plain(stream: TcpStream, ctx: Arc<ConnCtx>, stop: CancellationToken) {
     let settings = ctx.shared.runtime.load().config.proxy.clone();
     let h2 = match tokio::time::timeout(settings.header_read_timeout, is_h2(&stream)).await {
         Ok(Ok(Some(h2))) => h2,
@@ -110,9 +115,47 @@ async fn serve_inner(stream: TcpStream, ctx: Arc<ConnCtx>, stop: CancellationTok
             return;
         }
     };
+    serve_http(TokioIo::new(stream), h2, ctx, stop, &settings).await;
+}
+
+/// The TLS handshake (within the header timeout), then HTTP/2 or HTTP/1.1
+/// as ALPN agreed.
+async fn serve_tls(stream: TcpStream, ctx: Arc<ConnCtx>, stop: CancellationToken) {
+    let settings = ctx.shared.runtime.load().config.proxy.clone();
+    let tls = &ctx.shared.tls;
+    let Some(acceptor) = tls.acceptor() else {
+        return;
+    };
+    let stream =
+        match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tls.handshakes_failed.fetch_add(1, Relaxed);
+                tracing::debug!(peer = %ctx.peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tls.handshakes_failed.fetch_add(1, Relaxed);
+                tracing::debug!(peer = %ctx.peer, "no TLS handshake within the header timeout");
+                return;
+            }
+        };
+    tls.handshakes_ok.fetch_add(1, Relaxed);
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(crate::tls::H2);
+    serve_http(TokioIo::new(stream), h2, ctx, stop, &settings).await;
+}
+
+async fn serve_http<I>(
+    io: I,
+    h2: bool,
+    ctx: Arc<ConnCtx>,
+    stop: CancellationToken,
+    settings: &crate::config::ProxySettings,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     let peer = ctx.peer;
     let svc = service_fn(move |req| forward::handle(req, ctx.clone()));
-    let io = TokioIo::new(stream);
     if h2 {
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new())

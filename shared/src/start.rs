@@ -11,4 +11,7 @@ pub enum StartError {
     },
     #[error("[redis]: {0}")]
     Redis(String),
+    /// Certificates, keys or CAs that cannot be read or do not fit.
+    #[error("{0}")]
+    Tls(String),
 }

@@ -7,3 +7,4 @@ pub mod demo;
 pub mod schema;
 pub mod sse;
 pub mod support;
+pub mod tls;

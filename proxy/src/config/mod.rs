@@ -8,7 +8,7 @@ mod validate;
 use kp5_shared::env::parse_var;
 use kp5_shared::Env;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,6 +63,33 @@ pub struct ProxySettings {
     pub retries: u32,
     pub upstream_keepalive: usize,
     pub upstream_idle_timeout: Duration,
+    pub tls: Option<TlsSettings>,
+}
+
+/// `[proxy.tls]`, checked. Files are read when the config is applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsSettings {
+    pub listen: Vec<SocketAddr>,
+    pub certs: Vec<CertFiles>,
+    /// Only TLS 1.3 (`min_version = "1.3"`); otherwise 1.2 and 1.3.
+    pub tls13_only: bool,
+    pub http2: bool,
+}
+
+/// One certificate/key pair of `[proxy.tls]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Lower-case names from `names`; empty: the certificate's own names.
+    pub names: Vec<String>,
+}
+
+/// `backend_tls` of a pool, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendTls {
+    pub ca: Option<PathBuf>,
+    pub server_name: Option<String>,
 }
 
 /// `[admin]`.
@@ -176,6 +203,7 @@ pub struct Pool {
     pub health_check: Option<HealthCheck>,
     pub passive: Passive,
     pub backends: Vec<Backend>,
+    pub backend_tls: Option<BackendTls>,
 }
 
 /// A complete, checked proxy configuration.
@@ -194,7 +222,35 @@ pub struct Config {
 impl Config {
     /// Reads, parses, applies the environment and validates `path`.
     pub fn load(path: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
-        Self::from_toml(&kp5_shared::config::read(path)?, env)
+        let mut config = Self::from_toml(&kp5_shared::config::read(path)?, env)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            config.resolve_paths(dir);
+        }
+        Ok(config)
+    }
+
+    /// Makes the relative file paths (certificates, keys, CAs) relative to `dir`.
+    pub fn resolve_paths(&mut self, dir: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        if let Some(tls) = self.proxy.tls.as_mut() {
+            for c in &mut tls.certs {
+                fix(&mut c.cert);
+                fix(&mut c.key);
+            }
+        }
+        for pool in &mut self.pools {
+            if let Some(ca) = Arc::make_mut(pool)
+                .backend_tls
+                .as_mut()
+                .and_then(|t| t.ca.as_mut())
+            {
+                fix(ca);
+            }
+        }
     }
 
     /// Parses TOML text, applies the environment and validates.

@@ -27,7 +27,11 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawProxy {
     /// Plain HTTP/1.1, cleartext HTTP/2 (prior knowledge) and WebSocket listeners.
+    /// May be empty when `[proxy.tls]` listens.
+    #[serde(default)]
     pub listen: Vec<String>,
+    /// `[proxy.tls]`: HTTPS and WSS listeners.
+    pub tls: Option<RawTls>,
     /// Runtime worker threads. Default: number of cores.
     pub worker_threads: Option<usize>,
     /// Connecting to a backend, ms. Default 3000.
@@ -61,6 +65,49 @@ pub struct RawProxy {
     /// An idle pooled backend connection is closed after this, ms. Default 60000.
     #[serde(default = "d_idle")]
     pub upstream_idle_timeout_ms: u64,
+}
+
+/// `[proxy.tls]`: TLS listeners (rustls): HTTPS with HTTP/2 or HTTP/1.1 by
+/// ALPN, and WSS. Certificate and key files are watched and reloaded.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub listen: Vec<String>,
+    /// Certificate chains and keys (PEM). SNI picks the first whose
+    /// certificate is valid for the name asked for (or whose `names` lists
+    /// it); the first pair is the default for other names and no SNI.
+    pub certs: Vec<RawCertPair>,
+    /// Lowest TLS version accepted: "1.2" or "1.3". Default "1.2".
+    #[serde(default = "d_tls_min")]
+    pub min_version: String,
+    /// Offer HTTP/2 by ALPN (besides HTTP/1.1). Default true.
+    #[serde(default = "d_true")]
+    pub http2: bool,
+}
+
+/// One `certs` entry. Relative paths are relative to the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertPair {
+    /// PEM certificate chain, leaf first.
+    pub cert: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+    /// Host names this pair serves, instead of those in the certificate
+    /// ("*.example.com" matches one label).
+    pub names: Option<Vec<String>>,
+}
+
+/// `backend_tls = { ... }` of a pool: its servers speak TLS (https/wss).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackendTls {
+    /// PEM file of the CAs that sign the servers' certificates. Default:
+    /// the Mozilla root store. Relative to the config file.
+    pub ca: Option<String>,
+    /// Name to send by SNI and to verify the certificate for. Default: the
+    /// host of each server's address.
+    pub server_name: Option<String>,
 }
 
 /// `[admin]`: the admin API, `/metrics` and `/healthz`.
@@ -190,6 +237,8 @@ pub struct RawPool {
     pub passive: RawPassive,
     #[serde(default)]
     pub backends: Vec<RawBackend>,
+    /// TLS to this pool's servers. Absent: plain HTTP and WebSocket.
+    pub backend_tls: Option<RawBackendTls>,
 }
 
 /// One `match_id` rule.
@@ -366,4 +415,8 @@ fn d_max_ejection() -> u64 {
 }
 fn d_slow_start() -> u64 {
     10_000
+}
+
+fn d_tls_min() -> String {
+    "1.2".into()
 }

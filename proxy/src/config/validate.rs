@@ -128,10 +128,10 @@ fn positive_ms(field: &str, v: u64) -> Result<Duration, ConfigError> {
 }
 
 fn proxy_settings(p: &RawProxy) -> Result<ProxySettings, ConfigError> {
-    if p.listen.is_empty() {
+    if p.listen.is_empty() && p.tls.as_ref().is_none_or(|t| t.listen.is_empty()) {
         return Err(ConfigError::invalid(
             "proxy.listen",
-            "at least one listen address is required",
+            "at least one listen address (here or in [proxy.tls]) is required",
         ));
     }
     let mut listen = Vec::with_capacity(p.listen.len());
@@ -145,6 +145,11 @@ fn proxy_settings(p: &RawProxy) -> Result<ProxySettings, ConfigError> {
         }
         listen.push(addr);
     }
+    let tls = p
+        .tls
+        .as_ref()
+        .map(|t| tls_settings(t, &listen))
+        .transpose()?;
     if p.worker_threads == Some(0) {
         return Err(ConfigError::invalid(
             "proxy.worker_threads",
@@ -173,6 +178,81 @@ fn proxy_settings(p: &RawProxy) -> Result<ProxySettings, ConfigError> {
             "proxy.upstream_idle_timeout_ms",
             p.upstream_idle_timeout_ms,
         )?,
+        tls,
+    })
+}
+
+fn tls_settings(t: &RawTls, plain: &[SocketAddr]) -> Result<TlsSettings, ConfigError> {
+    if t.listen.is_empty() {
+        return Err(ConfigError::invalid(
+            "proxy.tls.listen",
+            "at least one listen address is required",
+        ));
+    }
+    let mut listen: Vec<SocketAddr> = Vec::with_capacity(t.listen.len());
+    for (i, l) in t.listen.iter().enumerate() {
+        let field = format!("proxy.tls.listen[{i}]");
+        let addr = socket_addr(&field, l)?;
+        // port 0 (any free port, in tests) may appear in both lists
+        if listen.contains(&addr) || (addr.port() != 0 && plain.contains(&addr)) {
+            return Err(ConfigError::invalid(
+                field,
+                format!("{l:?} is already a listen address"),
+            ));
+        }
+        listen.push(addr);
+    }
+    if t.certs.is_empty() {
+        return Err(ConfigError::invalid(
+            "proxy.tls.certs",
+            "at least one { cert, key } pair is required",
+        ));
+    }
+    let mut certs = Vec::with_capacity(t.certs.len());
+    for (i, c) in t.certs.iter().enumerate() {
+        for (k, v) in [("cert", &c.cert), ("key", &c.key)] {
+            if v.trim().is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("proxy.tls.certs[{i}].{k}"),
+                    "a file path is required",
+                ));
+            }
+        }
+        let mut names = Vec::new();
+        for (j, n) in c.names.iter().flatten().enumerate() {
+            let n = n.trim().to_ascii_lowercase();
+            let label = n.strip_prefix("*.").unwrap_or(&n);
+            if label.is_empty() || label.contains('*') || label.contains(char::is_whitespace) {
+                return Err(ConfigError::invalid(
+                    format!("proxy.tls.certs[{i}].names[{j}]"),
+                    format!("{n:?} is not a host name (\"*.\" may only start one)"),
+                ));
+            }
+            names.push(n);
+        }
+        certs.push(CertFiles {
+            cert: PathBuf::from(&c.cert),
+            key: PathBuf::from(&c.key),
+            names,
+        });
+    }
+    let tls13_only = match t.min_version.trim() {
+        "1.2" => false,
+        "1.3" => true,
+        other => {
+            return Err(ConfigError::invalid(
+                "proxy.tls.min_version",
+                format!(
+                    "{other:?}: expected \"1.2\" or \"1.3\" (older versions are not supported)"
+                ),
+            ))
+        }
+    };
+    Ok(TlsSettings {
+        listen,
+        certs,
+        tls13_only,
+        http2: t.http2,
     })
 }
 
@@ -392,6 +472,21 @@ fn pool(
         health_check,
         passive,
         backends,
+        backend_tls: match &p.backend_tls {
+            None => None,
+            Some(t) => Some(BackendTls {
+                ca: t.ca.as_ref().map(PathBuf::from),
+                server_name: match &t.server_name {
+                    Some(n) if rustls_pki_types::ServerName::try_from(n.as_str()).is_err() => {
+                        return Err(ConfigError::invalid(
+                            format!("pools.{name}.backend_tls.server_name"),
+                            format!("{n:?} is not a DNS name or IP address"),
+                        ))
+                    }
+                    other => other.clone(),
+                },
+            }),
+        },
     })
 }
 

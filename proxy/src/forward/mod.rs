@@ -352,8 +352,25 @@ async fn proxy(
         let guard = ConnGuard::new(upstream.state.clone());
         upstream.state.requests.fetch_add(1, Relaxed);
 
+        // a pool whose servers speak TLS: https/wss over its own client
+        let backend_tls = match &pool.cfg.backend_tls {
+            Some(_) => Some(
+                shared
+                    .tls
+                    .backend(&pool.name)
+                    .ok_or_else(|| ProxyError::Connect {
+                        server: upstream.state.id.to_string(),
+                        reason: "the pool's TLS client is not ready".into(),
+                    })?,
+            ),
+            None => None,
+        };
         let uri = Uri::builder()
-            .scheme("http")
+            .scheme(if backend_tls.is_some() {
+                "https"
+            } else {
+                "http"
+            })
             .authority(upstream.address.clone())
             .path_and_query(path.clone())
             .build()
@@ -372,9 +389,9 @@ async fn proxy(
 
         let started = Instant::now();
         let result = if upgrade {
-            send_upgrade(rt, up_req, upstream).await
+            send_upgrade(rt, up_req, upstream, backend_tls.as_deref()).await
         } else {
-            send(shared, rt, up_req, upstream).await
+            send(shared, rt, up_req, upstream, backend_tls.as_deref()).await
         };
         let now = shared.clock.now_ms();
         let resp = match result {
@@ -420,8 +437,8 @@ async fn proxy(
             spawn_tunnel(
                 shared,
                 rt,
-                client_side,
-                server_side,
+                (client_side, server_side),
+                ctx.scheme == "http" && backend_tls.is_none(),
                 guard,
                 choice.lease,
                 websocket,
@@ -458,9 +475,14 @@ async fn send(
     rt: &Runtime,
     req: Request<UpstreamBody>,
     upstream: &Upstream,
+    tls: Option<&crate::tls::BackendClient>,
 ) -> Result<Response<Incoming>, ProxyError> {
     let timeout = rt.config.proxy.upstream_timeout;
-    match tokio::time::timeout(timeout, shared.client.request(req)).await {
+    let sent = match tls {
+        Some(b) => b.http.request(req),
+        None => shared.client.request(req),
+    };
+    match tokio::time::timeout(timeout, sent).await {
         Err(_) => Err(ProxyError::Timeout {
             server: upstream.state.id.to_string(),
             timeout,
@@ -488,12 +510,14 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// An upgrade request goes over a connection of its own, which becomes the
-/// tunnel's server side if the server answers 101.
+/// An upgrade request goes over a connection of its own (TLS where the
+/// pool's servers speak it), which becomes the tunnel's server side if the
+/// server answers 101.
 async fn send_upgrade(
     rt: &Runtime,
     mut req: Request<UpstreamBody>,
     upstream: &Upstream,
+    tls: Option<&crate::tls::BackendClient>,
 ) -> Result<Response<Incoming>, ProxyError> {
     // a direct connection speaks origin-form: "GET /path HTTP/1.1"
     let origin = req
@@ -505,29 +529,52 @@ async fn send_upgrade(
     *req.uri_mut() = origin;
     let settings = &rt.config.proxy;
     let server = || upstream.state.id.to_string();
-    let stream = match tokio::time::timeout(
+    let connect_failed = |reason: String| ProxyError::Connect {
+        server: server(),
+        reason,
+    };
+    let connecting = async {
+        let stream = TcpStream::connect(upstream.address.as_str())
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = stream.set_nodelay(true);
+        Ok::<_, String>(stream)
+    };
+    let stream = match tokio::time::timeout(settings.connect_timeout, connecting).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(connect_failed(e)),
+        Err(_) => return Err(connect_failed("connect timed out".into())),
+    };
+    let Some(tls) = tls else {
+        return exchange(TokioIo::new(stream), req, settings, upstream).await;
+    };
+    let name = tls.name_for(&upstream.address).map_err(connect_failed)?;
+    match tokio::time::timeout(
         settings.connect_timeout,
-        TcpStream::connect(upstream.address.as_str()),
+        tls.connector.connect(name, stream),
     )
     .await
     {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return Err(ProxyError::Connect {
-                server: server(),
-                reason: e.to_string(),
-            })
-        }
-        Err(_) => {
-            return Err(ProxyError::Connect {
-                server: server(),
-                reason: "connect timed out".into(),
-            })
-        }
-    };
-    let _ = stream.set_nodelay(true);
+        Ok(Ok(s)) => exchange(TokioIo::new(s), req, settings, upstream).await,
+        // the request was not sent: another server may take it
+        Ok(Err(e)) => Err(connect_failed(format!("TLS handshake: {e}"))),
+        Err(_) => Err(connect_failed("TLS handshake timed out".into())),
+    }
+}
+
+/// One HTTP/1.1 exchange on a fresh connection, kept for the upgrade.
+async fn exchange<I>(
+    io: I,
+    req: Request<UpstreamBody>,
+    settings: &crate::config::ProxySettings,
+    upstream: &Upstream,
+) -> Result<Response<Incoming>, ProxyError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let server = || upstream.state.id.to_string();
     let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake::<_, UpstreamBody>(TokioIo::new(stream))
+        .handshake::<_, UpstreamBody>(io)
         .await
         .map_err(|e| ProxyError::Upstream {
             server: server(),
@@ -554,8 +601,8 @@ async fn send_upgrade(
 fn spawn_tunnel(
     shared: &Shared,
     rt: &Runtime,
-    client: hyper::upgrade::OnUpgrade,
-    server: hyper::upgrade::OnUpgrade,
+    (client, server): (hyper::upgrade::OnUpgrade, hyper::upgrade::OnUpgrade),
+    plain: bool,
     mut guard: ConnGuard,
     lease: Option<MatchLease>,
     websocket: bool,
@@ -574,7 +621,7 @@ fn spawn_tunnel(
         let _lease = lease;
         let server_id = guard.server().id.clone();
         match tokio::join!(client, server) {
-            (Ok(c), Ok(s)) => {
+            (Ok(c), Ok(s)) if plain => {
                 match (c.downcast::<TokioIo<TcpStream>>(), s.downcast::<TokioIo<TcpStream>>()) {
                     (Ok(c), Ok(s)) => {
                         // move the read-ahead buffers in, so nothing of hyper's outlives the handshake
@@ -583,6 +630,11 @@ fn spawn_tunnel(
                     }
                     _ => tracing::error!(server = %server_id, "upgraded connection is not a TCP stream; closing"),
                 }
+            }
+            (Ok(c), Ok(s)) => {
+                // TLS on either side: relay through the streams' own buffers
+                let sum = tunnel::run_streams(TokioIo::new(c), TokioIo::new(s), opts, close).await;
+                tracing::debug!(server = %server_id, end = ?sum.end, up = sum.bytes_up, down = sum.bytes_down, "tunnel closed");
             }
             (c, s) => {
                 if let Err(e) = c.and(s) {

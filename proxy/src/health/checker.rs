@@ -16,9 +16,14 @@ pub fn spawn_all(shared: Arc<Shared>, stop: CancellationToken) {
             }
             continue;
         };
+        let tls = pool
+            .cfg
+            .backend_tls
+            .as_ref()
+            .and_then(|_| shared.tls.backend(&pool.name));
         for u in &pool.servers {
             let uri = match http::Uri::builder()
-                .scheme("http")
+                .scheme(if tls.is_some() { "https" } else { "http" })
                 .authority(u.address.clone())
                 .path_and_query(hc.path.clone())
                 .build()
@@ -34,6 +39,7 @@ pub fn spawn_all(shared: Arc<Shared>, stop: CancellationToken) {
             let shared = shared.clone();
             let stop = stop.clone();
             let hc = hc.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(hc.interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -52,7 +58,10 @@ pub fn spawn_all(shared: Arc<Shared>, stop: CancellationToken) {
                         http::HeaderValue::from_static("kp5-proxy-health"),
                     );
                     let check = async {
-                        let resp = shared.client.request(req).await?;
+                        let resp = match &tls {
+                            Some(b) => b.http.request(req).await?,
+                            None => shared.client.request(req).await?,
+                        };
                         let ok = resp.status().is_success() || resp.status().is_redirection();
                         // read the body so the connection goes back to the pool
                         http_body_util::BodyExt::collect(resp.into_body()).await?;

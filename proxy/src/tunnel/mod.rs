@@ -7,6 +7,9 @@
 //! open when the proxy shuts down, gets close code 1001 where it is WebSocket.
 
 pub mod frames;
+mod streams;
+
+pub use streams::run_streams;
 
 use frames::{close_frame, FrameTracker};
 use socket2::SockRef;
