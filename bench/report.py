@@ -38,6 +38,11 @@ def load(path):
                 add("http1_per_core_s", p, float(r["rps"]) * secs / float(r["cpuSeconds"]))
         elif t == "http2":
             add("http2_rps", p, float(r["rps"]))
+        elif t == "https":
+            add("https_rps", p, float(r["rps"]))
+            add("https_p99_ms", p, ms(r["p99"]))
+        elif t == "handshakes":
+            add("tls_handshakes", p, float(r["rps"]))
         elif t == "ws":
             rep = r["report"]
             add("ws_msgs", p, float(rep["messagesPerSecond"]))
@@ -58,6 +63,9 @@ LABELS = [
     ("http1_p99_ms", "HTTP/1.1 p99 latency, ms", False),
     ("http1_per_core_s", "HTTP/1.1 requests per proxy core-second", True),
     ("http2_rps", "HTTP/2 requests/s (h2load, 10 conns x 10 streams)", True),
+    ("https_rps", "HTTPS keep-alive requests/s (wrk, 50 conns, TLS 1.3)", True),
+    ("https_p99_ms", "HTTPS p99 latency, ms", False),
+    ("tls_handshakes", "TLS handshakes/s (wrk, Connection: close, ECDSA P-256)", True),
     ("ws_msgs", "WebSocket echo messages/s (200 conns, 64 B)", True),
     ("ws_p99_ms", "WebSocket p99 round trip, ms", False),
     ("ws_per_core_s", "WebSocket messages per proxy core-second", True),

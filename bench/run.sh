@@ -7,6 +7,8 @@
 #   - WebSocket echo relay: messages/s and round trip (kp5-loadgen, closed loop)
 #   - memory per idle proxied WebSocket at 1,000 / 5,000 / 9,000 connections
 #     (RSS of all the proxy's processes, minus its RSS before connecting)
+#   - HTTPS keep-alive requests/s and TLS handshakes/s (wrk, Connection: close;
+#     an ECDSA P-256 certificate made by openssl for the run)
 # Results: bench/results/latest.json; the table and chart in docs/ come from
 # bench/report.py. Usage: bash bench/run.sh [ROUNDS] (default 3).
 set -euo pipefail
@@ -44,10 +46,19 @@ for i in 1 2; do
 done
 wait_port 3101; wait_port 3102
 
+# a throwaway certificate for the TLS figures, the same for all three
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -subj /CN=bench.local -addext subjectAltName=DNS:bench.local,IP:127.0.0.1 \
+  -keyout $W/tls.key -out $W/tls.pem 2>/dev/null
+cat $W/tls.pem $W/tls.key >$W/tls-combined.pem
+
 cat >$W/kp5.toml <<EOF
 [proxy]
 listen = ["127.0.0.1:8081"]
 worker_threads = 1
+[proxy.tls]
+listen = ["127.0.0.1:8441"]
+certs = [{ cert = "$W/tls.pem", key = "$W/tls.key" }]
 [admin]
 listen = "127.0.0.1:9981"
 token = "bench"
@@ -75,6 +86,18 @@ http {
   access_log off;
   upstream backends { least_conn; server 127.0.0.1:3101; server 127.0.0.1:3102; keepalive 256; }
   map \$http_upgrade \$connection_upgrade { default upgrade; '' ''; }
+  server {
+    listen 127.0.0.1:8442 ssl;
+    ssl_certificate $W/tls.pem;
+    ssl_certificate_key $W/tls.key;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    location / {
+      proxy_pass http://backends;
+      proxy_http_version 1.1;
+      proxy_set_header Host \$host;
+      proxy_set_header Connection "";
+    }
+  }
   server {
     listen 127.0.0.1:8092 http2;
     location / {
@@ -113,6 +136,7 @@ defaults
 frontend fe
   bind 127.0.0.1:8083
   bind 127.0.0.1:8093 proto h2
+  bind 127.0.0.1:8443 ssl crt $W/tls-combined.pem alpn http/1.1
   default_backend be
 backend be
   balance leastconn
@@ -130,6 +154,7 @@ start() { # name → pid of the process to measure (all its processes are summed
 }
 port() { case $1 in kp5) echo 8081 ;; nginx) echo 8082 ;; haproxy) echo 8083 ;; esac; }
 h2port() { case $1 in kp5) echo 8081 ;; nginx) echo 8092 ;; haproxy) echo 8093 ;; esac; }
+tlsport() { case $1 in kp5) echo 8441 ;; nginx) echo 8442 ;; haproxy) echo 8443 ;; esac; }
 rss_kib() { # the process and its children
   local total=0
   for p in $1 $(pgrep -P "$1" || true); do
@@ -169,6 +194,15 @@ for round in $(seq 1 "$ROUNDS"); do
     h=$(taskset -c 1 h2load -n 100000 -c 10 -m 10 http://127.0.0.1:$(h2port $name)/ 2>&1 || true)
     h2rps=$(echo "$h" | awk '/finished in/ {gsub(",","",$4); print $4}')
     emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"http2\",\"rps\":${h2rps:-0}}"
+    # HTTPS keep-alive, then one TLS handshake per request (Connection: close)
+    tp=$(tlsport $name)
+    w=$(taskset -c 1 wrk -t1 -c50 -d${DUR}s --latency https://127.0.0.1:$tp/)
+    rps=$(echo "$w" | awk '/Requests\/sec/ {print $2}')
+    p99=$(echo "$w" | awk '$1=="99%" {print $2}')
+    emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"https\",\"rps\":${rps:-0},\"p99\":\"${p99:-0}\"}"
+    w=$(taskset -c 1 wrk -t1 -c50 -d${DUR}s -H "Connection: close" https://127.0.0.1:$tp/)
+    hs=$(echo "$w" | awk '/Requests\/sec/ {print $2}')
+    emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"handshakes\",\"rps\":${hs:-0}}"
     # WebSocket echo relay, 200 connections, 64-byte messages
     t0=$(cpu_ticks $pid)
     l=$(taskset -c 1 $BIN/kp5-loadgen --url "ws://127.0.0.1:$p/matches/{match}/ws" --connections 200 --matches 20 --mode closed --duration $DUR --size 64 | tail -1)

@@ -98,7 +98,8 @@ async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, stop: CancellationToken, tl
     counters.connections_total.fetch_add(1, Relaxed);
     counters.connections_active.fetch_add(1, Relaxed);
     if tls {
-        serve_tls(stream, ctx, stop).await;
+        // boxed: a TLS connection's state is large, plain connections need not carry it
+        Box::pin(serve_tls(stream, ctx, stop)).await;
     } else {
         serve_plain(stream, ctx, stop).await;
     }

@@ -548,18 +548,18 @@ async fn send_upgrade(
     let Some(tls) = tls else {
         return exchange(TokioIo::new(stream), req, settings, upstream).await;
     };
-    let name = tls.name_for(&upstream.address).map_err(connect_failed)?;
-    match tokio::time::timeout(
-        settings.connect_timeout,
-        tls.connector.connect(name, stream),
-    )
+    // boxed: the TLS handshake's state is large and plain upgrades need not carry it
+    Box::pin(async move {
+        let name = tls.name_for(&upstream.address).map_err(connect_failed)?;
+        let handshake = tls.connector.connect(name, stream);
+        match tokio::time::timeout(settings.connect_timeout, handshake).await {
+            Ok(Ok(s)) => exchange(TokioIo::new(s), req, settings, upstream).await,
+            // the request was not sent: another server may take it
+            Ok(Err(e)) => Err(connect_failed(format!("TLS handshake: {e}"))),
+            Err(_) => Err(connect_failed("TLS handshake timed out".into())),
+        }
+    })
     .await
-    {
-        Ok(Ok(s)) => exchange(TokioIo::new(s), req, settings, upstream).await,
-        // the request was not sent: another server may take it
-        Ok(Err(e)) => Err(connect_failed(format!("TLS handshake: {e}"))),
-        Err(_) => Err(connect_failed("TLS handshake timed out".into())),
-    }
 }
 
 /// One HTTP/1.1 exchange on a fresh connection, kept for the upgrade.
@@ -632,8 +632,9 @@ fn spawn_tunnel(
                 }
             }
             (Ok(c), Ok(s)) => {
-                // TLS on either side: relay through the streams' own buffers
-                let sum = tunnel::run_streams(TokioIo::new(c), TokioIo::new(s), opts, close).await;
+                // TLS on either side: relay through the streams' own buffers.
+                // Boxed, so the raw-socket tunnels above do not carry its size.
+                let sum = Box::pin(tunnel::run_streams(TokioIo::new(c), TokioIo::new(s), opts, close)).await;
                 tracing::debug!(server = %server_id, end = ?sum.end, up = sum.bytes_up, down = sum.bytes_down, "tunnel closed");
             }
             (c, s) => {
