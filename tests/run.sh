@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command: installs what the tests need (Node.js for the
 # Socket.IO clients and servers and the WSS client, redis-server for the
-# cluster tests, curl for HTTPS over HTTP/2 and HTTP/1.1), builds
+# cluster tests, curl for HTTPS over HTTP/2 and HTTP/1.1, chromium for the
+# dashboard's browser test), builds
 # every binary, runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,7 @@ missing=()
 have node && have npm || missing+=(nodejs npm)
 have redis-server || missing+=(redis-server)
 have curl || missing+=(curl)
+have chromium || missing+=(chromium)
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
 

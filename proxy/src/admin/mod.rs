@@ -119,11 +119,34 @@ fn matches<'a>(pattern: &str, path: &'a str) -> Option<Option<&'a str>> {
     }
 }
 
+/// The live dashboard: one self-contained page, no build step, no CDN.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
 async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Resp {
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => {
             return json_response(StatusCode::OK, json!({ "status": "ok" }))
+        }
+        (&Method::GET, "/dashboard") | (&Method::GET, "/dashboard/") => {
+            // the page holds no data: it asks the API (with the token) and /metrics
+            let mut r = Response::new(Full::new(Bytes::from_static(DASHBOARD.as_bytes())));
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            h.insert(
+                header::CONTENT_SECURITY_POLICY,
+                header::HeaderValue::from_static(
+                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:",
+                ),
+            );
+            h.insert(
+                header::CACHE_CONTROL,
+                header::HeaderValue::from_static("no-cache"),
+            );
+            return r;
         }
         (&Method::GET, "/metrics") => {
             let mut r = Response::new(Full::new(Bytes::from(crate::metrics::render(shared))));
