@@ -56,6 +56,31 @@ async fn demo_starts_and_carries_traffic() {
         },
     )
     .await;
+    // the dashboard is there, and with redis-server installed (tests/run.sh
+    // installs it) the servers came through their agents and Redis
+    let page = get(&c, &format!("http://127.0.0.1:{admin}/dashboard")).await;
+    assert_eq!(page.status, 200);
+    assert!(String::from_utf8_lossy(&page.body).contains("kp5-proxy dashboard"));
+    let redis_installed = std::process::Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if redis_installed {
+        let s = get_with(
+            &c,
+            &format!("http://127.0.0.1:{admin}/api/scaling/distributed/servers"),
+            &[("authorization", "Bearer demo-token")],
+        )
+        .await
+        .json();
+        let sources: Vec<_> = s["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["source"].clone())
+            .collect();
+        assert_eq!(sources, vec!["agent"; 3], "{s}");
+    }
     let pid = child.id().unwrap().to_string();
     std::process::Command::new("kill")
         .args(["-INT", &pid])
