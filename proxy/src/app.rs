@@ -70,6 +70,29 @@ pub struct Shared {
     pub(crate) cert_events: tokio::sync::mpsc::UnboundedSender<()>,
 }
 
+/// The TCP connector to backends: no Nagle, `connect_timeout`, keep-alive probes.
+pub fn http_connector(p: &crate::config::ProxySettings) -> HttpConnector {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(p.connect_timeout));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    http
+}
+
+/// The keep-alive client to backends over `connector` (plain or TLS).
+pub fn pooled_client<C>(p: &crate::config::ProxySettings, connector: C) -> Client<C, UpstreamBody>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone,
+{
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(p.upstream_idle_timeout)
+        .pool_max_idle_per_host(p.upstream_keepalive)
+        .set_host(false)
+        .build(connector)
+}
+
 /// Per client connection.
 pub struct ConnCtx {
     pub shared: Arc<Shared>,
@@ -85,17 +108,7 @@ impl Shared {
         cert_events: tokio::sync::mpsc::UnboundedSender<()>,
     ) -> Arc<Shared> {
         let p = &config.proxy;
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(p.connect_timeout));
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(p.upstream_idle_timeout)
-            .pool_max_idle_per_host(p.upstream_keepalive)
-            .set_host(false)
-            .build(http);
+        let client = pooled_client(p, http_connector(p));
         let live = Live::default();
         let clock = Clock::new();
         let monitor = crate::monitor::Monitor::new(config.monitoring.thresholds.clone());

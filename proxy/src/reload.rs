@@ -12,7 +12,7 @@ use crate::server;
 use kp5_shared::wire::unix_ms;
 use kp5_shared::Env;
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
@@ -157,7 +157,7 @@ impl Control {
             shared.tls.set_watcher(None);
             return;
         }
-        match crate::tls::watch_files(&files, shared.cert_events.clone()) {
+        match watch_files(&files, shared.cert_events.clone()) {
             Ok(w) => shared.tls.set_watcher(Some((files, w))),
             Err(e) => {
                 tracing::warn!(error = %e, "certificate files not watched; a reload still re-reads them")
@@ -194,14 +194,7 @@ impl Control {
             Err(reason) => {
                 shared.tls.cert_reloads_failed.fetch_add(1, Relaxed);
                 tracing::error!(%reason, "certificates rejected; the previous ones keep serving");
-                self.status
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .last_error = Some(Rejected {
-                    at: unix_ms(),
-                    source: CERT_FILES.into(),
-                    reason: reason.clone(),
-                });
+                self.note_rejected(CERT_FILES, &reason);
                 Err(reason)
             }
         }
@@ -210,15 +203,20 @@ impl Control {
     fn reject(&self, shared: &Shared, source: &str, reason: String) -> String {
         tracing::error!(%source, %reason, "config rejected; the previous one keeps serving");
         shared.counters.reloads_failed.fetch_add(1, Relaxed);
+        self.note_rejected(source, &reason);
+        reason
+    }
+
+    /// Shown by `/api/scaling/health` until the next success of its kind.
+    fn note_rejected(&self, source: &str, reason: &str) {
         self.status
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .last_error = Some(Rejected {
             at: unix_ms(),
             source: source.to_owned(),
-            reason: reason.clone(),
+            reason: reason.to_owned(),
         });
-        reason
     }
 
     /// Re-reads the config file and applies it.
@@ -367,32 +365,8 @@ impl Control {
 /// Watches the config file (its folder, so an editor's rename-over counts)
 /// and reloads after writes settle.
 pub fn watch(shared: Arc<Shared>, path: PathBuf, stop: CancellationToken) -> Result<(), String> {
-    use notify::{RecursiveMode, Watcher};
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-    let name = path.file_name().map(|n| n.to_owned());
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if let Ok(ev) = ev {
-            let ours = ev.paths.iter().any(|p| p.file_name() == name.as_deref());
-            let change = matches!(
-                ev.kind,
-                notify::EventKind::Create(_)
-                    | notify::EventKind::Modify(_)
-                    | notify::EventKind::Remove(_)
-            );
-            if ours && change {
-                let _ = tx.send(());
-            }
-        }
-    })
-    .map_err(|e| format!("watching {}: {e}", path.display()))?;
-    watcher
-        .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(|e| format!("watching {}: {e}", dir.display()))?;
+    let watcher = watch_files(&BTreeSet::from([path.clone()]), tx)?;
     tokio::spawn(async move {
         let _watcher = watcher;
         loop {
@@ -428,4 +402,50 @@ pub async fn cert_reloader(
         while rx.try_recv().is_ok() {}
         let _ = shared.control().reload_certs(&shared).await;
     }
+}
+
+/// Watches the folders of `files` (so an editor's or certbot's rename over
+/// a file counts) and sends on `tx` when one of them is written, created,
+/// renamed over or removed.
+pub fn watch_files(
+    files: &BTreeSet<PathBuf>,
+    tx: tokio::sync::mpsc::UnboundedSender<()>,
+) -> Result<notify::RecommendedWatcher, String> {
+    use notify::{RecursiveMode, Watcher};
+    let names: BTreeSet<std::ffi::OsString> = files
+        .iter()
+        .filter_map(|f| f.file_name().map(|n| n.to_owned()))
+        .collect();
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev {
+            let ours = ev
+                .paths
+                .iter()
+                .any(|p| p.file_name().is_some_and(|n| names.contains(n)));
+            let change = matches!(
+                ev.kind,
+                notify::EventKind::Create(_)
+                    | notify::EventKind::Modify(_)
+                    | notify::EventKind::Remove(_)
+            );
+            if ours && change {
+                let _ = tx.send(());
+            }
+        }
+    })
+    .map_err(|e| format!("watching files: {e}"))?;
+    let dirs: BTreeSet<&Path> = files
+        .iter()
+        .map(|f| {
+            f.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+        })
+        .collect();
+    for d in dirs {
+        watcher
+            .watch(d, RecursiveMode::NonRecursive)
+            .map_err(|e| format!("watching {}: {e}", d.display()))?;
+    }
+    Ok(watcher)
 }

@@ -8,16 +8,14 @@ use crate::forward::body::UpstreamBody;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 /// ALPN ids.
 pub const H2: &[u8] = b"h2";
@@ -318,10 +316,7 @@ fn backend_client(
         .as_ref()
         .map(|n| ServerName::try_from(n.clone()).map_err(|e| format!("server_name: {e}")))
         .transpose()?;
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(p.connect_timeout));
-    http.set_keepalive(Some(Duration::from_secs(60)));
+    let mut http = crate::app::http_connector(p);
     http.enforce_http(false);
     // hyper-rustls sets ALPN itself (http/1.1 only, as enabled below)
     let mut for_http = (*cc).clone();
@@ -336,65 +331,12 @@ fn backend_client(
             .wrap_connector(http),
         None => builder.enable_http1().wrap_connector(http),
     };
-    let client = Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(p.upstream_idle_timeout)
-        .pool_max_idle_per_host(p.upstream_keepalive)
-        .set_host(false)
-        .build(https);
     Ok(BackendClient {
-        http: client,
+        http: crate::app::pooled_client(p, https),
         connector: tokio_rustls::TlsConnector::from(cc),
         server_name,
         built_from,
     })
-}
-
-/// Watches the folders of `files` and sends on `tx` when one of them is
-/// written, created, renamed over or removed.
-pub fn watch_files(
-    files: &BTreeSet<PathBuf>,
-    tx: tokio::sync::mpsc::UnboundedSender<()>,
-) -> Result<notify::RecommendedWatcher, String> {
-    use notify::{RecursiveMode, Watcher};
-    let wanted: Vec<PathBuf> = files.iter().cloned().collect();
-    let names: BTreeSet<std::ffi::OsString> = files
-        .iter()
-        .filter_map(|f| f.file_name().map(|n| n.to_owned()))
-        .collect();
-    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if let Ok(ev) = ev {
-            let ours = ev
-                .paths
-                .iter()
-                .any(|p| p.file_name().is_some_and(|n| names.contains(n)));
-            let change = matches!(
-                ev.kind,
-                notify::EventKind::Create(_)
-                    | notify::EventKind::Modify(_)
-                    | notify::EventKind::Remove(_)
-            );
-            if ours && change {
-                let _ = tx.send(());
-            }
-        }
-    })
-    .map_err(|e| format!("watching certificate files: {e}"))?;
-    let dirs: BTreeSet<&Path> = wanted
-        .iter()
-        .map(|f| {
-            f.parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."))
-        })
-        .collect();
-    for d in dirs {
-        watcher
-            .watch(d, RecursiveMode::NonRecursive)
-            .map_err(|e| format!("watching {}: {e}", d.display()))?;
-    }
-    Ok(watcher)
 }
 
 #[cfg(test)]
