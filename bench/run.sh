@@ -87,19 +87,11 @@ http {
   upstream backends { least_conn; server 127.0.0.1:3101; server 127.0.0.1:3102; keepalive 256; }
   map \$http_upgrade \$connection_upgrade { default upgrade; '' ''; }
   server {
+    listen 127.0.0.1:8092 http2;
     listen 127.0.0.1:8442 ssl;
     ssl_certificate $W/tls.pem;
     ssl_certificate_key $W/tls.key;
     ssl_protocols TLSv1.2 TLSv1.3;
-    location / {
-      proxy_pass http://backends;
-      proxy_http_version 1.1;
-      proxy_set_header Host \$host;
-      proxy_set_header Connection "";
-    }
-  }
-  server {
-    listen 127.0.0.1:8092 http2;
     location / {
       proxy_pass http://backends;
       proxy_http_version 1.1;

@@ -369,18 +369,10 @@ pub fn watch(shared: Arc<Shared>, path: PathBuf, stop: CancellationToken) -> Res
     let watcher = watch_files(&BTreeSet::from([path.clone()]), tx)?;
     tokio::spawn(async move {
         let _watcher = watcher;
-        loop {
-            tokio::select! {
-                got = rx.recv() => if got.is_none() { return },
-                _ = stop.cancelled() => return,
+        while settled(&mut rx, &stop).await {
+            if path.exists() {
+                let _ = shared.reload_file("file").await;
             }
-            // let a burst of writes (truncate, write, rename) settle
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            while rx.try_recv().is_ok() {}
-            if !path.exists() {
-                continue;
-            }
-            let _ = shared.reload_file("file").await;
         }
     });
     Ok(())
@@ -393,15 +385,24 @@ pub async fn cert_reloader(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<()>,
     stop: CancellationToken,
 ) {
-    loop {
-        tokio::select! {
-            got = rx.recv() => if got.is_none() { return },
-            _ = stop.cancelled() => return,
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        while rx.try_recv().is_ok() {}
+    while settled(&mut rx, &stop).await {
         let _ = shared.control().reload_certs(&shared).await;
     }
+}
+
+/// Waits for a change, then lets a burst of writes (truncate, write,
+/// rename) settle for 100 ms. False once stopped.
+async fn settled(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<()>,
+    stop: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        got = rx.recv() => if got.is_none() { return false },
+        _ = stop.cancelled() => return false,
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    while rx.try_recv().is_ok() {}
+    true
 }
 
 /// Watches the folders of `files` (so an editor's or certbot's rename over
