@@ -26,6 +26,8 @@ async fn demo_starts_and_carries_traffic() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    // even if an assertion fails: SIGINT, so the demo stops its redis-server too
+    let stop = Interrupt(child.id().unwrap());
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
         .await
@@ -91,4 +93,29 @@ async fn demo_starts_and_carries_traffic() {
         .unwrap()
         .unwrap();
     assert!(status.success());
+    std::mem::forget(stop); // stopped and reaped: its pid is no longer ours
+}
+
+/// Sends SIGINT to the demo when dropped (a SIGKILL would orphan the
+/// redis-server it started) and gives it a few seconds to stop.
+struct Interrupt(u32);
+
+impl Drop for Interrupt {
+    fn drop(&mut self) {
+        let pid = self.0.to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status();
+        for _ in 0..100 {
+            let alive = std::process::Command::new("kill")
+                .args(["-0", &pid])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !alive {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    }
 }
