@@ -47,6 +47,12 @@ impl FrameTracker {
         matches!(self.state, State::Header { have: 0, .. })
     }
 
+    /// May the proxy send its own close frame (1001) on this stream now:
+    /// between frames, and no close already passed this way.
+    pub fn may_close(&self) -> bool {
+        self.at_boundary() && !self.closed
+    }
+
     pub fn feed(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             match &mut self.state {

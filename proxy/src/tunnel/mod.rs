@@ -266,20 +266,12 @@ async fn going_away(client: &mut TcpStream, server: &mut TcpStream, up: &mut Dir
     let work = async {
         client.write_all(&down.pending).await?;
         server.write_all(&up.pending).await?;
-        if down
-            .frames
-            .as_ref()
-            .is_some_and(|t| t.at_boundary() && !t.closed)
-        {
+        if down.frames.as_ref().is_some_and(FrameTracker::may_close) {
             client
                 .write_all(&close_frame(1001, "going away", false))
                 .await?;
         }
-        if up
-            .frames
-            .as_ref()
-            .is_some_and(|t| t.at_boundary() && !t.closed)
-        {
+        if up.frames.as_ref().is_some_and(FrameTracker::may_close) {
             server
                 .write_all(&close_frame(1001, "going away", true))
                 .await?;

@@ -72,11 +72,7 @@ where
     };
     if matches!(end, End::Idle | End::Shutdown) {
         let work = async {
-            let boundary = |s: &Side| {
-                s.frames
-                    .as_ref()
-                    .is_some_and(|t| t.at_boundary() && !t.closed)
-            };
+            let boundary = |s: &Side| s.frames.as_ref().is_some_and(FrameTracker::may_close);
             if boundary(&down) {
                 cw.write_all(&close_frame(1001, "going away", false))
                     .await?;
