@@ -46,7 +46,10 @@ pub struct Shared {
     pub live: Live,
     pub affinity: Arc<Affinity>,
     pub clock: Clock,
+    /// hyper's keep-alive client: health checks.
     pub client: Client<HttpConnector, UpstreamBody>,
+    /// Our HTTP/1.1 client: requests to plain-TCP backends.
+    pub h1: crate::forward::h1::Pool,
     pub counters: Arc<Counters>,
     /// Open tunnels, so shutdown can wait for them.
     pub tunnels: TaskTracker,
@@ -109,6 +112,7 @@ impl Shared {
     ) -> Arc<Shared> {
         let p = &config.proxy;
         let client = pooled_client(p, http_connector(p));
+        let h1 = crate::forward::h1::Pool::new(p);
         let live = Live::default();
         let clock = Clock::new();
         let monitor = crate::monitor::Monitor::new(config.monitoring.thresholds.clone());
@@ -120,6 +124,7 @@ impl Shared {
             affinity: Arc::new(Affinity::new(clock)),
             clock,
             client,
+            h1,
             counters: Arc::default(),
             tunnels: TaskTracker::new(),
             close_tunnels: CancellationToken::new(),

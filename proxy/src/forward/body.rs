@@ -105,13 +105,52 @@ impl Body for UpstreamBody {
     }
 }
 
+/// A response body as a server sends it: read by our own HTTP/1.1 client
+/// (plain backends) or by hyper's (TLS backends, upgrades).
+#[derive(Debug)]
+pub enum FromServer {
+    H1(super::h1::H1Body),
+    Hyper(Incoming),
+}
+
+impl Body for FromServer {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            FromServer::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            FromServer::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            FromServer::H1(b) => b.is_end_stream(),
+            FromServer::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            FromServer::H1(b) => b.size_hint(),
+            FromServer::Hyper(b) => b.size_hint(),
+        }
+    }
+}
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The response body sent to the client.
 #[derive(Debug)]
 pub enum ProxyBody {
     /// Streamed from a server; holds the server's connection count (and the
     /// match's) until the body is done or dropped.
     Upstream {
-        body: Incoming,
+        body: FromServer,
         guard: Option<ConnGuard>,
         lease: Option<MatchLease>,
     },
@@ -131,12 +170,12 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut *self {
             ProxyBody::Upstream { body, guard, lease } => {
                 let r = Pin::new(body).poll_frame(cx);

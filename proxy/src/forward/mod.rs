@@ -5,6 +5,7 @@
 
 pub mod body;
 pub mod error;
+pub mod h1;
 pub mod headers;
 pub mod match_id;
 
@@ -13,7 +14,7 @@ use crate::app::{ConnCtx, Shared};
 use crate::runtime::{PoolRuntime, Runtime, Upstream};
 use crate::state::ConnGuard;
 use crate::tunnel;
-use body::{BodySlot, ProxyBody, UpstreamBody};
+use body::{BodySlot, FromServer, ProxyBody, UpstreamBody};
 use error::ProxyError;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
@@ -365,33 +366,21 @@ async fn proxy(
             ),
             None => None,
         };
-        let uri = Uri::builder()
-            .scheme(if backend_tls.is_some() {
-                "https"
-            } else {
-                "http"
-            })
-            .authority(upstream.address.clone())
-            .path_and_query(path.clone())
-            .build()
-            .map_err(|_| ProxyError::BadRequest("unusable request target"))?;
-        let mut up_req = Request::new(body.body());
-        *up_req.method_mut() = parts.method.clone();
-        *up_req.uri_mut() = uri;
-        *up_req.version_mut() = Version::HTTP_11;
-        *up_req.headers_mut() = parts.headers.clone();
-        if let Some(lease) = choice.lease.as_ref().filter(|l| l.token() != 0) {
-            // lets the match server refuse requests of a match it lost
-            up_req
-                .headers_mut()
-                .insert(FENCING_HEADER, HeaderValue::from(lease.token()));
-        }
+        let fencing = choice.lease.as_ref().map(|l| l.token()).filter(|&t| t != 0);
 
         let started = Instant::now();
-        let result = if upgrade {
-            send_upgrade(rt, up_req, upstream, backend_tls.as_deref()).await
-        } else {
-            send(shared, rt, up_req, upstream, backend_tls.as_deref()).await
+        let result = match (upgrade, backend_tls.as_deref()) {
+            (false, None) => {
+                send_h1(shared, rt, &parts, path.as_str(), &body, fencing, upstream).await
+            }
+            (true, tls) => {
+                let req = hyper_request(&parts, &path, &body, fencing, upstream, tls.is_some())?;
+                send_upgrade(rt, req, upstream, tls).await
+            }
+            (false, Some(tls)) => {
+                let req = hyper_request(&parts, &path, &body, fencing, upstream, true)?;
+                send(rt, req, upstream, tls).await
+            }
         };
         let now = shared.clock.now_ms();
         let resp = match result {
@@ -469,19 +458,81 @@ async fn proxy(
     }
 }
 
-/// A plain HTTP exchange over the keep-alive pool.
-async fn send(
+/// The request as hyper's client takes it: absolute URI, fencing token.
+fn hyper_request(
+    parts: &http::request::Parts,
+    path: &http::uri::PathAndQuery,
+    body: &BodySlot,
+    fencing: Option<u64>,
+    upstream: &Upstream,
+    tls: bool,
+) -> Result<Request<UpstreamBody>, ProxyError> {
+    let uri = Uri::builder()
+        .scheme(if tls { "https" } else { "http" })
+        .authority(upstream.address.clone())
+        .path_and_query(path.clone())
+        .build()
+        .map_err(|_| ProxyError::BadRequest("unusable request target"))?;
+    let mut req = Request::new(body.body());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = parts.headers.clone();
+    if let Some(token) = fencing {
+        // lets the match server refuse requests of a match it lost
+        req.headers_mut()
+            .insert(FENCING_HEADER, HeaderValue::from(token));
+    }
+    Ok(req)
+}
+
+/// A plain HTTP exchange with our own HTTP/1.1 client and its keep-alive pool.
+async fn send_h1(
     shared: &Shared,
+    rt: &Runtime,
+    parts: &http::request::Parts,
+    target: &str,
+    body: &BodySlot,
+    fencing: Option<u64>,
+    upstream: &Upstream,
+) -> Result<Response<FromServer>, ProxyError> {
+    let timeout = rt.config.proxy.upstream_timeout;
+    let body = (!body.is_empty()).then(|| body.body());
+    let sent = shared.h1.send(
+        &upstream.address,
+        &parts.method,
+        target,
+        &parts.headers,
+        fencing,
+        body,
+    );
+    let server = || upstream.state.id.to_string();
+    match tokio::time::timeout(timeout, sent).await {
+        Err(_) => Err(ProxyError::Timeout {
+            server: server(),
+            timeout,
+        }),
+        Ok(Err(h1::SendError::Connect(reason))) => Err(ProxyError::Connect {
+            server: server(),
+            reason,
+        }),
+        Ok(Err(h1::SendError::Upstream(reason))) => Err(ProxyError::Upstream {
+            server: server(),
+            reason,
+        }),
+        Ok(Ok(resp)) => Ok(resp.map(FromServer::H1)),
+    }
+}
+
+/// An HTTP exchange with a TLS backend over its pool's keep-alive client.
+async fn send(
     rt: &Runtime,
     req: Request<UpstreamBody>,
     upstream: &Upstream,
-    tls: Option<&crate::tls::BackendClient>,
-) -> Result<Response<Incoming>, ProxyError> {
+    tls: &crate::tls::BackendClient,
+) -> Result<Response<FromServer>, ProxyError> {
     let timeout = rt.config.proxy.upstream_timeout;
-    let sent = match tls {
-        Some(b) => b.http.request(req),
-        None => shared.client.request(req),
-    };
+    let sent = tls.http.request(req);
     match tokio::time::timeout(timeout, sent).await {
         Err(_) => Err(ProxyError::Timeout {
             server: upstream.state.id.to_string(),
@@ -495,7 +546,7 @@ async fn send(
             server: upstream.state.id.to_string(),
             reason: error_chain(&e),
         }),
-        Ok(Ok(resp)) => Ok(resp),
+        Ok(Ok(resp)) => Ok(resp.map(FromServer::Hyper)),
     }
 }
 
@@ -518,7 +569,7 @@ async fn send_upgrade(
     mut req: Request<UpstreamBody>,
     upstream: &Upstream,
     tls: Option<&crate::tls::BackendClient>,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<FromServer>, ProxyError> {
     // a direct connection speaks origin-form: "GET /path HTTP/1.1"
     let origin = req
         .uri()
@@ -568,7 +619,7 @@ async fn exchange<I>(
     req: Request<UpstreamBody>,
     settings: &crate::config::ProxySettings,
     upstream: &Upstream,
-) -> Result<Response<Incoming>, ProxyError>
+) -> Result<Response<FromServer>, ProxyError>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -594,7 +645,7 @@ where
             server: server(),
             reason: error_chain(&e),
         }),
-        Ok(Ok(resp)) => Ok(resp),
+        Ok(Ok(resp)) => Ok(resp.map(FromServer::Hyper)),
     }
 }
 

@@ -1,0 +1,1097 @@
+//! The HTTP/1.1 client to plain-TCP backends, driven from the request's own
+//! task (pingora's way): the request task checks a connection out of the
+//! idle pool, writes the request, parses the response head with `httparse`
+//! and hands the connection to the response body, which puts it back the
+//! moment the last byte is read. No connection task, no channel hand-off.
+//!
+//! Upgrades (their own connection, kept for the tunnel) and TLS backends use
+//! hyper's client instead; see `forward::send_upgrade` and `tls.rs`.
+
+use super::body::UpstreamBody;
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::Authority;
+use http::{Method, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Largest response head accepted from a server.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields accepted in a response head.
+const MAX_HEADERS: usize = 128;
+/// Longest chunk-size line or trailer section accepted.
+const MAX_LINE: usize = 4 * 1024;
+/// How much is read from a server at a time.
+const READ_SIZE: usize = 16 * 1024;
+/// Request body frames up to this size are copied behind the head so both
+/// leave in one write.
+const COALESCE: usize = 8 * 1024;
+
+/// Keep-alive connections to backends, by address.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+type IdleMap = HashMap<Authority, Vec<Idle>, std::hash::BuildHasherDefault<Fnv>>;
+
+struct PoolInner {
+    idle: Mutex<IdleMap>,
+    max_idle: usize,
+    idle_timeout: Duration,
+    connect_timeout: Duration,
+    reaper: AtomicBool,
+}
+
+/// FNV-1a for the pool's keys: a few short addresses from the config and
+/// the agents, looked up on every request, where SipHash's flood resistance
+/// buys nothing and costs a visible share of the request path.
+#[derive(Default)]
+struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// One connection to a server and what was read from it but not yet used.
+struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+/// Why an exchange failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// Nothing reached the server: another one may be tried.
+    Connect(String),
+    /// The server failed after the request (or part of it) was sent.
+    Upstream(String),
+}
+
+/// A reused connection that failed before any byte of a response arrived:
+/// the server closed it while idle, so the request is sent again on a fresh
+/// one when nothing of its body was consumed.
+#[allow(clippy::large_enum_variant)] // returned once, never stored
+enum Attempt {
+    Done(Response<H1Body>),
+    Stale(String),
+}
+
+impl Pool {
+    pub fn new(p: &crate::config::ProxySettings) -> Pool {
+        Pool::with(
+            p.upstream_keepalive,
+            p.upstream_idle_timeout,
+            p.connect_timeout,
+        )
+    }
+
+    /// At most `max_idle` idle connections per server, each for `idle_timeout`.
+    pub fn with(max_idle: usize, idle_timeout: Duration, connect_timeout: Duration) -> Pool {
+        Pool {
+            inner: Arc::new(PoolInner {
+                idle: Mutex::new(HashMap::default()),
+                max_idle,
+                idle_timeout,
+                connect_timeout,
+                reaper: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Idle connections held now (all servers).
+    pub fn idle_count(&self) -> usize {
+        self.inner.lock().values().map(Vec::len).sum()
+    }
+
+    /// One request/response exchange with the server at `addr`. The response
+    /// body streams from the connection, which goes back to the pool when the
+    /// body has been read to its end.
+    pub async fn send(
+        &self,
+        addr: &Authority,
+        method: &Method,
+        target: &str,
+        headers: &HeaderMap,
+        fencing: Option<u64>,
+        body: Option<UpstreamBody>,
+    ) -> Result<Response<H1Body>, SendError> {
+        let head = encode_head(method, target, headers, fencing, body.as_ref());
+        let is_head = method == Method::HEAD;
+        let mut body = body;
+        let mut fresh_only = false;
+        loop {
+            let (conn, reused) = match (!fresh_only).then(|| self.checkout(addr)).flatten() {
+                Some(c) => (c, true),
+                None => (self.connect(addr).await?, false),
+            };
+            // a retry may only happen while the body is untouched: bodyless
+            // requests alone, since a body is consumed as it is written
+            let replayable = body.is_none();
+            match self
+                .exchange(
+                    conn,
+                    addr,
+                    &head,
+                    body.take(),
+                    is_head,
+                    reused && replayable,
+                )
+                .await?
+            {
+                Attempt::Done(resp) => return Ok(resp),
+                Attempt::Stale(reason) => {
+                    tracing::debug!(server = %addr, %reason, "idle connection was closed by the server; sending on a new one");
+                    fresh_only = true;
+                }
+            }
+        }
+    }
+
+    async fn exchange(
+        &self,
+        mut conn: Conn,
+        addr: &Authority,
+        head: &[u8],
+        body: Option<UpstreamBody>,
+        is_head: bool,
+        may_be_stale: bool,
+    ) -> Result<Attempt, SendError> {
+        let stale_or = |e: String| {
+            if may_be_stale {
+                Ok(Attempt::Stale(e))
+            } else {
+                Err(SendError::Upstream(e))
+            }
+        };
+        let written = match body {
+            None => conn.stream.write_all(head).await.map_err(|e| e.to_string()),
+            Some(body) => write_with_body(&mut conn.stream, head, body).await,
+        };
+        if let Err(e) = written {
+            // the server may have answered early (e.g. 413) and closed:
+            // its answer is still worth reading
+            return match read_head(&mut conn, is_head).await {
+                Ok(parsed) => Ok(Attempt::Done(self.respond(conn, addr, parsed, false))),
+                Err(_) => stale_or(format!("sending the request: {e}")),
+            };
+        }
+        match read_head(&mut conn, is_head).await {
+            Ok(parsed) => Ok(Attempt::Done(self.respond(conn, addr, parsed, true))),
+            Err(HeadError::Closed {
+                nothing_read: true,
+                reason,
+            }) => stale_or(reason),
+            Err(HeadError::Closed { reason, .. } | HeadError::Invalid(reason)) => {
+                Err(SendError::Upstream(reason))
+            }
+        }
+    }
+
+    fn respond(
+        &self,
+        conn: Conn,
+        addr: &Authority,
+        parsed: Head,
+        sent_all: bool,
+    ) -> Response<H1Body> {
+        let Head {
+            mut response,
+            framing,
+            keep_alive,
+        } = parsed;
+        let mut body = H1Body {
+            conn: Some(conn),
+            framing,
+            keep_alive: keep_alive && sent_all,
+            pool: Arc::downgrade(&self.inner),
+            addr: addr.clone(),
+        };
+        if body.framing.is_done() {
+            body.finish();
+        }
+        *response.body_mut() = body;
+        response
+    }
+
+    /// The most recently used idle connection to `addr` that is still open.
+    fn checkout(&self, addr: &Authority) -> Option<Conn> {
+        let mut idle = self.inner.lock();
+        let list = idle.get_mut(addr)?;
+        let now = Instant::now();
+        while let Some(Idle { conn, since }) = list.pop() {
+            if now.duration_since(since) < self.inner.idle_timeout && conn.is_quiet() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self, addr: &Authority) -> Result<Conn, SendError> {
+        let connecting = TcpStream::connect(addr.as_str());
+        let stream = match tokio::time::timeout(self.inner.connect_timeout, connecting).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(SendError::Connect(e.to_string())),
+            Err(_) => return Err(SendError::Connect("connect timed out".into())),
+        };
+        let _ = stream.set_nodelay(true);
+        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+        Ok(Conn {
+            stream,
+            buf: BytesMut::new(),
+        })
+    }
+}
+
+impl PoolInner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, IdleMap> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn put(self: &Arc<Self>, addr: &Authority, conn: Conn) {
+        if self.max_idle == 0 {
+            return;
+        }
+        {
+            let mut idle = self.lock();
+            let list = match idle.get_mut(addr) {
+                Some(l) => l,
+                None => idle.entry(addr.clone()).or_default(),
+            };
+            if list.len() >= self.max_idle {
+                // the oldest goes: the newest is the one most likely still open
+                list.remove(0);
+            }
+            list.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+        if !self.reaper.swap(true, Ordering::Relaxed) {
+            tokio::spawn(reap(Arc::downgrade(self), self.idle_timeout));
+        }
+    }
+}
+
+/// Closes connections idle longer than `idle_timeout`, until the pool goes.
+async fn reap(pool: Weak<PoolInner>, idle_timeout: Duration) {
+    let every = (idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        let now = Instant::now();
+        pool.lock().retain(|_, list| {
+            list.retain(|i| now.duration_since(i.since) < idle_timeout && i.conn.is_quiet());
+            !list.is_empty()
+        });
+    }
+}
+
+impl Conn {
+    /// An idle connection is usable when the server has sent nothing on it:
+    /// no close, no stray bytes. Costs no syscall unless the socket was
+    /// reported readable.
+    fn is_quiet(&self) -> bool {
+        self.buf.is_empty()
+            && matches!(self.stream.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.buf.reserve(READ_SIZE);
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.buf)
+    }
+}
+
+/// The request head as it goes on the wire. A body of unknown length is
+/// sent chunked; one with a `Content-Length` as is.
+fn encode_head(
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    fencing: Option<u64>,
+    body: Option<&UpstreamBody>,
+) -> Vec<u8> {
+    let mut h = Vec::with_capacity(256 + headers.len() * 48);
+    h.extend_from_slice(method.as_str().as_bytes());
+    h.push(b' ');
+    h.extend_from_slice(target.as_bytes());
+    h.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        if fencing.is_some() && name.as_str() == super::FENCING_HEADER {
+            continue;
+        }
+        h.extend_from_slice(name.as_str().as_bytes());
+        h.extend_from_slice(b": ");
+        h.extend_from_slice(value.as_bytes());
+        h.extend_from_slice(b"\r\n");
+    }
+    if let Some(token) = fencing {
+        h.extend_from_slice(super::FENCING_HEADER.as_bytes());
+        h.extend_from_slice(b": ");
+        h.extend_from_slice(token.to_string().as_bytes());
+        h.extend_from_slice(b"\r\n");
+    }
+    if body.is_some_and(|b| chunked(b, headers)) {
+        h.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    h.extend_from_slice(b"\r\n");
+    h
+}
+
+fn chunked(body: &UpstreamBody, headers: &HeaderMap) -> bool {
+    !headers.contains_key(header::CONTENT_LENGTH) && body.size_hint().exact().is_none()
+}
+
+/// Writes the head and the body; small first frames share the head's write.
+async fn write_with_body(
+    stream: &mut TcpStream,
+    head: &[u8],
+    mut body: UpstreamBody,
+) -> Result<(), String> {
+    let chunked = body.size_hint().exact().is_none();
+    let mut pending = head.to_vec();
+    let io = |e: io::Error| format!("sending the request: {e}");
+    loop {
+        let frame = match body.frame().await {
+            None => break,
+            Some(Ok(f)) => f,
+            Some(Err(e)) => return Err(format!("reading the request body from the client: {e}")),
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if chunked {
+            pending.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        }
+        if data.len() <= COALESCE {
+            pending.extend_from_slice(&data);
+        } else {
+            stream.write_all(&pending).await.map_err(io)?;
+            pending.clear();
+            stream.write_all(&data).await.map_err(io)?;
+        }
+        if chunked {
+            pending.extend_from_slice(b"\r\n");
+        }
+        if pending.len() >= COALESCE {
+            stream.write_all(&pending).await.map_err(io)?;
+            pending.clear();
+        }
+    }
+    if chunked {
+        pending.extend_from_slice(b"0\r\n\r\n");
+    }
+    if !pending.is_empty() {
+        stream.write_all(&pending).await.map_err(io)?;
+    }
+    Ok(())
+}
+
+/// A parsed response head.
+struct Head {
+    response: Response<H1Body>,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+enum HeadError {
+    /// The connection ended or failed before a whole head arrived.
+    Closed { nothing_read: bool, reason: String },
+    /// The server sent something that is not an HTTP/1.x response head.
+    Invalid(String),
+}
+
+/// Reads until a final (non-1xx) response head is complete.
+async fn read_head(conn: &mut Conn, is_head: bool) -> Result<Head, HeadError> {
+    let mut nothing_read = conn.buf.is_empty();
+    loop {
+        if !conn.buf.is_empty() {
+            if let Some(head) = parse_head(&mut conn.buf, is_head)? {
+                return Ok(head);
+            }
+            if conn.buf.len() > MAX_HEAD {
+                return Err(HeadError::Invalid(format!(
+                    "response head larger than {MAX_HEAD} bytes"
+                )));
+            }
+        }
+        let n = std::future::poll_fn(|cx| conn.poll_fill(cx))
+            .await
+            .map_err(|e| HeadError::Closed {
+                nothing_read,
+                reason: format!("reading the response: {e}"),
+            })?;
+        if n == 0 {
+            return Err(HeadError::Closed {
+                nothing_read,
+                reason: "the server closed the connection before responding".into(),
+            });
+        }
+        nothing_read = false;
+    }
+}
+
+/// Parses a head at the start of `buf` and removes it; skips interim
+/// (1xx) responses. `None`: more bytes are needed.
+fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, HeadError> {
+    loop {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut slots);
+        let len = match parsed.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(HeadError::Invalid(format!("invalid response head: {e}"))),
+        };
+        let code = parsed.code.unwrap_or(0);
+        let status = StatusCode::from_u16(code)
+            .map_err(|_| HeadError::Invalid(format!("invalid status code {code}")))?;
+        if status.is_informational() {
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(HeadError::Invalid(
+                    "101 to a request that asked for no upgrade".into(),
+                ));
+            }
+            buf.advance(len);
+            continue;
+        }
+        let http11 = parsed.version == Some(1);
+        // the header values are slices of the frozen head: no copy per value
+        let base = buf.as_ptr() as usize;
+        let mut fields = Vec::with_capacity(parsed.headers.len());
+        for h in parsed.headers.iter() {
+            let name = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| HeadError::Invalid(format!("invalid header name {:?}", h.name)))?;
+            let start = h.value.as_ptr() as usize - base;
+            fields.push((name, start, start + h.value.len()));
+        }
+        let frozen = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(fields.len());
+        for (name, a, b) in fields {
+            let value = HeaderValue::from_maybe_shared(frozen.slice(a..b))
+                .map_err(|_| HeadError::Invalid(format!("invalid value of header {name}")))?;
+            headers.append(name, value);
+        }
+        let framing = framing(&headers, status, is_head)?;
+        let keep_alive =
+            !matches!(framing, Framing::Close) && connection_persists(&headers, http11);
+        let mut response = Response::new(H1Body::empty());
+        *response.status_mut() = status;
+        *response.version_mut() = Version::HTTP_11;
+        *response.headers_mut() = headers;
+        return Ok(Some(Head {
+            response,
+            framing,
+            keep_alive,
+        }));
+    }
+}
+
+/// How the response body is delimited (RFC 9112 §6.3).
+fn framing(headers: &HeaderMap, status: StatusCode, is_head: bool) -> Result<Framing, HeadError> {
+    if is_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok(Framing::Length(0));
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        let last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .rfind(|t| !t.is_empty());
+        return Ok(match last {
+            Some(t) if t.eq_ignore_ascii_case("chunked") => Framing::Chunked(Chunk::Size),
+            // another coding last: the body runs to the connection's end
+            _ => Framing::Close,
+        });
+    }
+    let mut length = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.to_str().unwrap_or("x").split(',') {
+            let n: u64 = part
+                .trim()
+                .parse()
+                .map_err(|_| HeadError::Invalid(format!("invalid content-length {v:?}")))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(HeadError::Invalid(
+                    "conflicting content-length values".into(),
+                ));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length.map_or(Framing::Close, Framing::Length))
+}
+
+/// HTTP/1.1 keeps the connection unless told `close`; 1.0 only if told `keep-alive`.
+fn connection_persists(headers: &HeaderMap, http11: bool) -> bool {
+    let has = |token: &str| {
+        headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if http11 {
+        !has("close")
+    } else {
+        has("keep-alive")
+    }
+}
+
+/// Where the response body ends.
+#[derive(Debug)]
+enum Framing {
+    /// This many bytes remain.
+    Length(u64),
+    Chunked(Chunk),
+    /// Everything until the server closes.
+    Close,
+    /// Read to its end.
+    Done,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// This many bytes of chunk data remain.
+    Data(u64),
+    /// Expecting the CRLF after chunk data.
+    DataEnd,
+    /// After the last chunk: trailer fields until an empty line.
+    Trailer,
+}
+
+impl Framing {
+    fn is_done(&self) -> bool {
+        matches!(self, Framing::Length(0) | Framing::Done)
+    }
+}
+
+/// A response body read from a backend connection. The connection goes back
+/// to the pool when the body is complete and the server keeps it open; a
+/// body dropped half-read closes it.
+pub struct H1Body {
+    conn: Option<Conn>,
+    framing: Framing,
+    keep_alive: bool,
+    pool: Weak<PoolInner>,
+    addr: Authority,
+}
+
+impl std::fmt::Debug for H1Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H1Body")
+            .field("framing", &self.framing)
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl H1Body {
+    fn empty() -> H1Body {
+        H1Body {
+            conn: None,
+            framing: Framing::Done,
+            keep_alive: false,
+            pool: Weak::new(),
+            addr: Authority::from_static("unset"),
+        }
+    }
+
+    /// The body is complete: the connection is free again.
+    fn finish(&mut self) {
+        self.framing = Framing::Done;
+        if let Some(conn) = self.conn.take() {
+            if self.keep_alive && conn.buf.is_empty() {
+                if let Some(pool) = self.pool.upgrade() {
+                    pool.put(&self.addr, conn);
+                }
+            }
+        }
+    }
+
+    fn ended_early() -> io::Error {
+        io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the server closed the connection before the body ended",
+        )
+    }
+
+    /// Takes up to `n` buffered bytes as a frame.
+    fn take(conn: &mut Conn, n: u64) -> Bytes {
+        let n = (conn.buf.len() as u64).min(n) as usize;
+        conn.buf.split_to(n).freeze()
+    }
+
+    /// Decodes chunked framing from the buffer. `Some(data)`: a frame;
+    /// `None`: more bytes are needed (or the body ended: see `framing`).
+    fn decode_chunked(&mut self) -> io::Result<Option<Bytes>> {
+        let invalid = |m: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("invalid chunked body: {m}"),
+            )
+        };
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(None);
+        };
+        loop {
+            let Framing::Chunked(state) = &mut self.framing else {
+                return Ok(None);
+            };
+            match *state {
+                Chunk::Size => {
+                    let Some(end) = find_line(&conn.buf) else {
+                        if conn.buf.len() > MAX_LINE {
+                            return Err(invalid("chunk-size line too long"));
+                        }
+                        return Ok(None);
+                    };
+                    let line = &conn.buf[..end];
+                    let digits = line
+                        .iter()
+                        .position(|b| !b.is_ascii_hexdigit())
+                        .unwrap_or(line.len());
+                    if digits == 0 || digits > 15 {
+                        return Err(invalid("bad chunk size"));
+                    }
+                    let rest = &line[digits..];
+                    if !(rest.is_empty()
+                        || rest[0] == b';'
+                        || rest[0] == b' '
+                        || rest[0] == b'\t'
+                        || rest[0] == b'\r')
+                    {
+                        return Err(invalid("bad chunk size"));
+                    }
+                    let size = u64::from_str_radix(
+                        std::str::from_utf8(&line[..digits]).unwrap_or("x"),
+                        16,
+                    )
+                    .map_err(|_| invalid("bad chunk size"))?;
+                    conn.buf.advance(end + 1);
+                    *state = if size == 0 {
+                        Chunk::Trailer
+                    } else {
+                        Chunk::Data(size)
+                    };
+                }
+                Chunk::Data(rem) => {
+                    if conn.buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let data = Self::take(conn, rem);
+                    let left = rem - data.len() as u64;
+                    *state = if left == 0 {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(left)
+                    };
+                    return Ok(Some(data));
+                }
+                Chunk::DataEnd => {
+                    match conn.buf.first() {
+                        None => return Ok(None),
+                        Some(b'\n') => conn.buf.advance(1),
+                        Some(b'\r') if conn.buf.len() < 2 => return Ok(None),
+                        Some(b'\r') if conn.buf[1] == b'\n' => conn.buf.advance(2),
+                        _ => return Err(invalid("missing CRLF after chunk data")),
+                    }
+                    *state = Chunk::Size;
+                }
+                Chunk::Trailer => {
+                    let Some(end) = find_line(&conn.buf) else {
+                        if conn.buf.len() > MAX_LINE {
+                            return Err(invalid("trailer line too long"));
+                        }
+                        return Ok(None);
+                    };
+                    // trailer fields are not forwarded
+                    let empty = end == 0 || (end == 1 && conn.buf[0] == b'\r');
+                    conn.buf.advance(end + 1);
+                    if empty {
+                        self.finish();
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Index of the `\n` ending the first line of `buf`.
+fn find_line(buf: &[u8]) -> Option<usize> {
+    buf.iter().position(|&b| b == b'\n')
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+        let this = &mut *self;
+        loop {
+            match this.framing {
+                Framing::Done | Framing::Length(0) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Framing::Length(rem) => {
+                    let Some(conn) = this.conn.as_mut() else {
+                        return Poll::Ready(None);
+                    };
+                    if !conn.buf.is_empty() {
+                        let data = Self::take(conn, rem);
+                        let left = rem - data.len() as u64;
+                        this.framing = Framing::Length(left);
+                        if left == 0 {
+                            this.finish();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    if ready!(conn.poll_fill(cx))? == 0 {
+                        this.conn = None;
+                        this.framing = Framing::Done;
+                        return Poll::Ready(Some(Err(Self::ended_early())));
+                    }
+                }
+                Framing::Chunked(_) => {
+                    if let Some(data) = this.decode_chunked()? {
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    if this.framing.is_done() {
+                        return Poll::Ready(None);
+                    }
+                    let Some(conn) = this.conn.as_mut() else {
+                        return Poll::Ready(None);
+                    };
+                    if ready!(conn.poll_fill(cx))? == 0 {
+                        this.conn = None;
+                        this.framing = Framing::Done;
+                        return Poll::Ready(Some(Err(Self::ended_early())));
+                    }
+                }
+                Framing::Close => {
+                    let Some(conn) = this.conn.as_mut() else {
+                        return Poll::Ready(None);
+                    };
+                    if !conn.buf.is_empty() {
+                        let data = conn.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    if ready!(conn.poll_fill(cx))? == 0 {
+                        this.conn = None;
+                        this.framing = Framing::Done;
+                        return Poll::Ready(None);
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing.is_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            Framing::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A server on a real socket; each accepted connection runs `script`.
+    /// Returns its address and a count of connections accepted.
+    async fn server<F, Fut>(script: F) -> (Authority, Arc<std::sync::atomic::AtomicUsize>)
+    where
+        F: Fn(TcpStream, usize) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: Authority = l.local_addr().unwrap().to_string().parse().unwrap();
+        let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = n.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let i = count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(script(s, i));
+            }
+        });
+        (addr, n)
+    }
+
+    /// Reads one request head (these tests send no request bodies unless said).
+    async fn read_request(s: &mut TcpStream) -> Option<String> {
+        let mut buf = Vec::new();
+        let mut b = [0u8; 1];
+        while !buf.ends_with(b"\r\n\r\n") {
+            if s.read(&mut b).await.ok()? == 0 {
+                return None;
+            }
+            buf.push(b[0]);
+        }
+        Some(String::from_utf8(buf).unwrap())
+    }
+
+    fn pool() -> Pool {
+        Pool::with(4, Duration::from_secs(30), Duration::from_secs(1))
+    }
+
+    async fn get(
+        pool: &Pool,
+        addr: &Authority,
+        method: Method,
+    ) -> Result<(StatusCode, HeaderMap, Bytes), String> {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("example"));
+        let resp = pool
+            .send(addr, &method, "/x?y=1", &h, None, None)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok((parts.status, parts.headers, body))
+    }
+
+    #[tokio::test]
+    async fn chunked_body_split_into_single_bytes_is_decoded_and_the_connection_reused() {
+        let (addr, conns) = server(|mut s, _| async move {
+            while let Some(req) = read_request(&mut s).await {
+                assert!(req.starts_with("GET /x?y=1 HTTP/1.1\r\nhost: example\r\n"), "{req}");
+                let wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: t\r\n\r\n";
+                for b in wire {
+                    s.write_all(&[*b]).await.unwrap();
+                }
+            }
+        })
+        .await;
+        let pool = pool();
+        for _ in 0..3 {
+            let (status, headers, body) = get(&pool, &addr, Method::GET).await.unwrap();
+            assert_eq!(status, 200);
+            assert_eq!(headers["x-a"], "1");
+            assert_eq!(&body[..], b"hello world");
+            assert_eq!(pool.idle_count(), 1);
+        }
+        assert_eq!(
+            conns.load(Ordering::SeqCst),
+            1,
+            "one connection for all three"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_while_idle_is_replaced_without_an_error() {
+        let (addr, conns) = server(|mut s, _| async move {
+            if read_request(&mut s).await.is_some() {
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+            }
+            // closes after one response, without saying so
+        })
+        .await;
+        let pool = pool();
+        for _ in 0..3 {
+            let (status, _, body) = get(&pool, &addr, Method::GET).await.unwrap();
+            assert_eq!((status.as_u16(), &body[..]), (200, &b"ok"[..]));
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn head_and_204_have_no_body_and_interim_responses_are_skipped() {
+        let (addr, conns) = server(|mut s, _| async move {
+            while let Some(req) = read_request(&mut s).await {
+                let answer: &[u8] = if req.starts_with("HEAD") {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"
+                };
+                s.write_all(answer).await.unwrap();
+            }
+        })
+        .await;
+        let pool = pool();
+        let (status, headers, body) = get(&pool, &addr, Method::HEAD).await.unwrap();
+        assert_eq!((status.as_u16(), body.len()), (200, 0));
+        assert_eq!(headers["content-length"], "1000");
+        let (status, headers, body) = get(&pool, &addr, Method::GET).await.unwrap();
+        assert_eq!((status.as_u16(), body.len()), (204, 0));
+        assert!(headers.get("link").is_none());
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_delimited_by_close_is_read_to_the_end_and_not_pooled() {
+        let (addr, conns) = server(|mut s, _| async move {
+            if read_request(&mut s).await.is_some() {
+                s.write_all(b"HTTP/1.0 200 OK\r\n\r\nuntil the end")
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+        let pool = pool();
+        for _ in 0..2 {
+            let (_, _, body) = get(&pool, &addr, Method::GET).await.unwrap();
+            assert_eq!(&body[..], b"until the end");
+            assert_eq!(pool.idle_count(), 0);
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn broken_responses_are_errors() {
+        let (addr, _) = server(|mut s, i| async move {
+            if read_request(&mut s).await.is_some() {
+                let answer: &[u8] = match i {
+                    0 => b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+                    1 => b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+                    2 => b"SSH-2.0-OpenSSH\r\n\r\n",
+                    _ => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                };
+                s.write_all(answer).await.unwrap();
+            }
+        })
+        .await;
+        let pool = pool();
+        let short = get(&pool, &addr, Method::GET).await.unwrap_err();
+        assert!(short.contains("before the body ended"), "{short}");
+        let conflict = get(&pool, &addr, Method::GET).await.unwrap_err();
+        assert!(
+            conflict.contains("conflicting content-length"),
+            "{conflict}"
+        );
+        let garbage = get(&pool, &addr, Method::GET).await.unwrap_err();
+        assert!(garbage.contains("invalid response head"), "{garbage}");
+        let chunk = get(&pool, &addr, Method::GET).await.unwrap_err();
+        assert!(chunk.contains("bad chunk size"), "{chunk}");
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_to_an_unread_body_is_passed_on() {
+        let (addr, _) = server(|mut s, _| async move {
+            if read_request(&mut s).await.is_some() {
+                s.write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\nConnection: close\r\n\r\nbig")
+                    .await
+                    .unwrap();
+                // closing with the body unread resets the connection: the
+                // client's writes fail, the answer is still in its buffer
+                drop(s);
+            }
+        })
+        .await;
+        let pool = pool();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        // an endless upload through a real hyper body: a client connection to
+        // a hyper server whose handler forwards its Incoming body here
+        let upload = hyper_upload(rx).await;
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("example"));
+        h.insert(
+            header::CONTENT_LENGTH,
+            HeaderValue::from_static("100000000"),
+        );
+        let resp = pool
+            .send(&addr, &Method::POST, "/upload", &h, None, Some(upload))
+            .await
+            .unwrap();
+        drop(tx);
+        assert_eq!(resp.status(), 413);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"big");
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    /// An `UpstreamBody` fed by a real client that keeps sending until `stop`.
+    async fn hyper_upload(stop: tokio::sync::oneshot::Receiver<()>) -> UpstreamBody {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (body_tx, body_rx) = tokio::sync::oneshot::channel();
+        let body_tx = Arc::new(Mutex::new(Some(body_tx)));
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let body_tx = body_tx.clone();
+                    async move {
+                        let slot = super::super::body::BodySlot::new(req.into_body());
+                        if let Some(tx) = body_tx.lock().unwrap().take() {
+                            let _ = tx.send(slot.body());
+                        }
+                        std::future::pending::<()>().await;
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Empty::<Bytes>::new(),
+                        ))
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                .await;
+        });
+        tokio::spawn(async move {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 100000000\r\n\r\n")
+                .await
+                .unwrap();
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut stop = stop;
+            loop {
+                tokio::select! {
+                    _ = &mut stop => return,
+                    r = c.write_all(&chunk) => if r.is_err() { return },
+                }
+            }
+        });
+        body_rx.await.unwrap()
+    }
+}
