@@ -24,6 +24,12 @@ impl Clock {
     /// Milliseconds since this clock started; never 0, so 0 can mean "unset".
     #[inline]
     pub fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64 + 1
+        self.ms_at(Instant::now())
+    }
+
+    /// `now_ms` for an instant already read (one clock read serves both).
+    #[inline]
+    pub fn ms_at(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_millis() as u64 + 1
     }
 }

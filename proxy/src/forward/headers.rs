@@ -18,6 +18,11 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers and any header the `Connection` header names.
 /// `Upgrade` is removed too unless `keep_upgrade`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    // most messages carry none: one pass over the names, not ten lookups
+    let hop = |n: &HeaderName| HOP_BY_HOP.contains(n) || (!keep_upgrade && n == header::UPGRADE);
+    if !h.keys().any(hop) {
+        return;
+    }
     if let Some(conn) = h.get(header::CONNECTION) {
         if conn.as_bytes().contains(&b',') || !conn.as_bytes().eq_ignore_ascii_case(b"keep-alive") {
             let named: Vec<HeaderName> = h
@@ -69,35 +74,41 @@ pub fn add_forwarded(
     proto: &'static str,
     host: Option<&HeaderValue>,
 ) {
+    use std::fmt::Write;
     let ip = client.to_string();
     let xff = match h.get(&XFF).and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {ip}"),
         None => ip.clone(),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Ok(v) = owned_value(xff) {
         h.insert(&XFF, v);
     }
     h.insert(&XFP, HeaderValue::from_static(proto));
     if let Some(host) = host {
         h.insert(&XFH, host.clone());
     }
-    let node = match client {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(_) => format!("\"[{ip}]\""),
+    let mut fwd = String::with_capacity(64);
+    if let Some(prev) = h.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        fwd.push_str(prev);
+        fwd.push_str(", ");
+    }
+    let _ = match client {
+        IpAddr::V4(_) => write!(fwd, "for={ip};proto={proto}"),
+        IpAddr::V6(_) => write!(fwd, "for=\"[{ip}]\";proto={proto}"),
     };
-    let mut fwd = format!("for={node};proto={proto}");
     if let Some(host) = host.and_then(|v| v.to_str().ok()) {
         fwd.push_str(";host=\"");
         fwd.push_str(host);
         fwd.push('"');
     }
-    let value = match h.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {fwd}"),
-        None => fwd,
-    };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    if let Ok(v) = owned_value(fwd) {
         h.insert(header::FORWARDED, v);
     }
+}
+
+/// A header value that takes the string's buffer instead of copying it.
+fn owned_value(s: String) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(s))
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.

@@ -34,9 +34,9 @@ pub async fn handle(
     req: Request<Incoming>,
     ctx: Arc<ConnCtx>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let start = Instant::now();
     let rt = ctx.shared.runtime.load_full();
     let access = rt.config.log.access_log;
+    let start = access.then(Instant::now);
     let head = access.then(|| (req.method().clone(), req.uri().clone()));
     let resp = match proxy(req, &ctx, &rt).await {
         Ok(r) => r,
@@ -44,7 +44,7 @@ pub async fn handle(
     };
     let status = resp.status().as_u16();
     ctx.shared.counters.requests[(status / 100).clamp(1, 5) as usize - 1].fetch_add(1, Relaxed);
-    if let Some((method, uri)) = head {
+    if let (Some((method, uri)), Some(start)) = (head, start) {
         tracing::info!(
             target: "access",
             client = %ctx.peer,
@@ -382,7 +382,8 @@ async fn proxy(
                 send(rt, req, upstream, tls).await
             }
         };
-        let now = shared.clock.now_ms();
+        let finished = Instant::now();
+        let now = shared.clock.ms_at(finished);
         let resp = match result {
             Ok(resp) => resp,
             Err(e) => {
@@ -407,7 +408,7 @@ async fn proxy(
         };
         upstream.state.record_response(
             resp.status().as_u16(),
-            started.elapsed().as_micros() as u64,
+            finished.duration_since(started).as_micros() as u64,
             &pool.cfg.passive,
             now,
         );
