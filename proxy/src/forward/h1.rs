@@ -97,6 +97,19 @@ pub enum SendError {
     Upstream(String),
 }
 
+/// What a server answered to an upgrade request.
+pub enum Upgrade {
+    /// `101`: the connection now speaks the new protocol.
+    Switched {
+        response: Response<H1Body>,
+        stream: TcpStream,
+        /// Bytes of the new protocol that arrived with the head.
+        early: Bytes,
+    },
+    /// Any other answer (the upgrade was refused), with its body.
+    Answered(Response<H1Body>),
+}
+
 /// A reused connection that failed before any byte of a response arrived:
 /// the server closed it while idle, so the request is sent again on a fresh
 /// one when nothing of its body was consumed.
@@ -177,6 +190,41 @@ impl Pool {
         }
     }
 
+    /// An upgrade request (no body) on a connection of its own. On `101` the
+    /// raw connection comes back with any bytes the server sent after its
+    /// head, ready to become the tunnel's server side; any other answer is an
+    /// ordinary response.
+    pub async fn upgrade(
+        &self,
+        addr: &Authority,
+        method: &Method,
+        target: &str,
+        headers: &HeaderMap,
+        fencing: Option<u64>,
+    ) -> Result<Upgrade, SendError> {
+        let head = encode_head(method, target, headers, fencing, None);
+        let mut conn = self.connect(addr).await?;
+        conn.stream
+            .write_all(&head)
+            .await
+            .map_err(|e| SendError::Upstream(format!("sending the request: {e}")))?;
+        let parsed = match read_head(&mut conn, false, true).await {
+            Ok(p) => p,
+            Err(HeadError::Closed { reason, .. } | HeadError::Invalid(reason)) => {
+                return Err(SendError::Upstream(reason))
+            }
+        };
+        if parsed.response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Conn { stream, buf } = conn;
+            return Ok(Upgrade::Switched {
+                response: parsed.response,
+                stream,
+                early: buf.freeze(),
+            });
+        }
+        Ok(Upgrade::Answered(self.respond(conn, addr, parsed, true)))
+    }
+
     async fn exchange(
         &self,
         mut conn: Conn,
@@ -200,12 +248,12 @@ impl Pool {
         if let Err(e) = written {
             // the server may have answered early (e.g. 413) and closed:
             // its answer is still worth reading
-            return match read_head(&mut conn, is_head).await {
+            return match read_head(&mut conn, is_head, false).await {
                 Ok(parsed) => Ok(Attempt::Done(self.respond(conn, addr, parsed, false))),
                 Err(_) => stale_or(format!("sending the request: {e}")),
             };
         }
-        match read_head(&mut conn, is_head).await {
+        match read_head(&mut conn, is_head, false).await {
             Ok(parsed) => Ok(Attempt::Done(self.respond(conn, addr, parsed, true))),
             Err(HeadError::Closed {
                 nothing_read: true,
@@ -437,11 +485,11 @@ enum HeadError {
 }
 
 /// Reads until a final (non-1xx) response head is complete.
-async fn read_head(conn: &mut Conn, is_head: bool) -> Result<Head, HeadError> {
+async fn read_head(conn: &mut Conn, is_head: bool, upgrade: bool) -> Result<Head, HeadError> {
     let mut nothing_read = conn.buf.is_empty();
     loop {
         if !conn.buf.is_empty() {
-            if let Some(head) = parse_head(&mut conn.buf, is_head)? {
+            if let Some(head) = parse_head(&mut conn.buf, is_head, upgrade)? {
                 return Ok(head);
             }
             if conn.buf.len() > MAX_HEAD {
@@ -468,7 +516,7 @@ async fn read_head(conn: &mut Conn, is_head: bool) -> Result<Head, HeadError> {
 
 /// Parses a head at the start of `buf` and removes it; skips interim
 /// (1xx) responses. `None`: more bytes are needed.
-fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, HeadError> {
+fn parse_head(buf: &mut BytesMut, is_head: bool, upgrade: bool) -> Result<Option<Head>, HeadError> {
     loop {
         let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut slots);
@@ -480,8 +528,9 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, HeadErr
         let code = parsed.code.unwrap_or(0);
         let status = StatusCode::from_u16(code)
             .map_err(|_| HeadError::Invalid(format!("invalid status code {code}")))?;
-        if status.is_informational() {
-            if status == StatusCode::SWITCHING_PROTOCOLS {
+        let switched = status == StatusCode::SWITCHING_PROTOCOLS;
+        if status.is_informational() && !(switched && upgrade) {
+            if switched {
                 return Err(HeadError::Invalid(
                     "101 to a request that asked for no upgrade".into(),
                 ));
@@ -1015,6 +1064,65 @@ mod tests {
         let chunk = get(&pool, &addr, Method::GET).await.unwrap_err();
         assert!(chunk.contains("bad chunk size"), "{chunk}");
         assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_gives_back_the_raw_connection_with_early_bytes() {
+        let (addr, _) = server(|mut s, i| async move {
+            let req = read_request(&mut s).await.unwrap();
+            assert!(req.contains("upgrade: websocket\r\n"), "{req}");
+            if i == 0 {
+                // the new protocol's first bytes in the same write as the head
+                s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x02hi")
+                    .await
+                    .unwrap();
+                let mut echo = [0u8; 4];
+                s.read_exact(&mut echo).await.unwrap();
+                s.write_all(&echo).await.unwrap();
+            } else {
+                s.write_all(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 4\r\n\r\nnope")
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+        let pool = pool();
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("example"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        match pool
+            .upgrade(&addr, &Method::GET, "/ws", &h, Some(7))
+            .await
+            .unwrap()
+        {
+            Upgrade::Switched {
+                response,
+                mut stream,
+                early,
+            } => {
+                assert_eq!(response.status(), 101);
+                assert_eq!(response.headers()["upgrade"], "websocket");
+                assert_eq!(&early[..], b"\x81\x02hi");
+                stream.write_all(b"ping").await.unwrap();
+                let mut back = [0u8; 4];
+                stream.read_exact(&mut back).await.unwrap();
+                assert_eq!(&back, b"ping");
+            }
+            Upgrade::Answered(r) => panic!("expected 101, got {}", r.status()),
+        }
+        match pool
+            .upgrade(&addr, &Method::GET, "/ws", &h, None)
+            .await
+            .unwrap()
+        {
+            Upgrade::Answered(r) => {
+                assert_eq!(r.status(), 426);
+                let body = r.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(&body[..], b"nope");
+            }
+            Upgrade::Switched { .. } => panic!("expected the refusal"),
+        }
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@ use crate::runtime::{PoolRuntime, Runtime, Upstream};
 use crate::state::ConnGuard;
 use crate::tunnel;
 use body::{BodySlot, FromServer, ProxyBody, UpstreamBody};
+use bytes::Bytes;
 use error::ProxyError;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
@@ -369,9 +370,20 @@ async fn proxy(
         let fencing = choice.lease.as_ref().map(|l| l.token()).filter(|&t| t != 0);
 
         let started = Instant::now();
+        // a plain upgrade from a plain client: our client, and the raw
+        // connection becomes the tunnel's server side
+        let mut raw = None;
         let result = match (upgrade, backend_tls.as_deref()) {
             (false, None) => {
                 send_h1(shared, rt, &parts, path.as_str(), &body, fencing, upstream).await
+            }
+            (true, None) if ctx.scheme == "http" && body.is_empty() => {
+                upgrade_h1(shared, rt, &parts, path.as_str(), fencing, upstream)
+                    .await
+                    .map(|(resp, r)| {
+                        raw = r;
+                        resp
+                    })
             }
             (true, tls) => {
                 let req = hyper_request(&parts, &path, &body, fencing, upstream, tls.is_some())?;
@@ -415,7 +427,10 @@ async fn proxy(
 
         let mut resp = resp;
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-        let server_side = switching.then(|| hyper::upgrade::on(&mut resp));
+        let server_side = switching.then(|| match raw.take() {
+            Some((stream, early)) => ServerSide::Raw(stream, early),
+            None => ServerSide::Hyper(hyper::upgrade::on(&mut resp)),
+        });
         let (mut head, incoming) = resp.into_parts();
         if let Some(server_side) = server_side {
             let Some(client_side) = on_upgrade.take() else {
@@ -513,15 +528,49 @@ async fn send_h1(
             server: server(),
             timeout,
         }),
-        Ok(Err(h1::SendError::Connect(reason))) => Err(ProxyError::Connect {
-            server: server(),
-            reason,
-        }),
-        Ok(Err(h1::SendError::Upstream(reason))) => Err(ProxyError::Upstream {
-            server: server(),
-            reason,
-        }),
+        Ok(Err(e)) => Err(h1_error(e, server())),
         Ok(Ok(resp)) => Ok(resp.map(FromServer::H1)),
+    }
+}
+
+/// An upgrade request over our own client: on 101, the server's raw
+/// connection and the bytes that came after its head.
+async fn upgrade_h1(
+    shared: &Shared,
+    rt: &Runtime,
+    parts: &http::request::Parts,
+    target: &str,
+    fencing: Option<u64>,
+    upstream: &Upstream,
+) -> Result<(Response<FromServer>, Option<(TcpStream, Bytes)>), ProxyError> {
+    let timeout = rt.config.proxy.upstream_timeout;
+    let sent = shared.h1.upgrade(
+        &upstream.address,
+        &parts.method,
+        target,
+        &parts.headers,
+        fencing,
+    );
+    let server = || upstream.state.id.to_string();
+    match tokio::time::timeout(timeout, sent).await {
+        Err(_) => Err(ProxyError::Timeout {
+            server: server(),
+            timeout,
+        }),
+        Ok(Err(e)) => Err(h1_error(e, server())),
+        Ok(Ok(h1::Upgrade::Switched {
+            response,
+            stream,
+            early,
+        })) => Ok((response.map(FromServer::H1), Some((stream, early)))),
+        Ok(Ok(h1::Upgrade::Answered(response))) => Ok((response.map(FromServer::H1), None)),
+    }
+}
+
+fn h1_error(e: h1::SendError, server: String) -> ProxyError {
+    match e {
+        h1::SendError::Connect(reason) => ProxyError::Connect { server, reason },
+        h1::SendError::Upstream(reason) => ProxyError::Upstream { server, reason },
     }
 }
 
@@ -650,10 +699,17 @@ where
     }
 }
 
+/// The server side of a tunnel: hyper's upgraded connection (TLS backends,
+/// TLS clients) or the raw socket our client kept.
+enum ServerSide {
+    Hyper(hyper::upgrade::OnUpgrade),
+    Raw(TcpStream, Bytes),
+}
+
 fn spawn_tunnel(
     shared: &Shared,
     rt: &Runtime,
-    (client, server): (hyper::upgrade::OnUpgrade, hyper::upgrade::OnUpgrade),
+    (client, server): (hyper::upgrade::OnUpgrade, ServerSide),
     plain: bool,
     mut guard: ConnGuard,
     lease: Option<MatchLease>,
@@ -672,8 +728,19 @@ fn spawn_tunnel(
     shared.tunnels.spawn(async move {
         let _lease = lease;
         let server_id = guard.server().id.clone();
-        match tokio::join!(client, server) {
-            (Ok(c), Ok(s)) if plain => {
+        let server = match server {
+            ServerSide::Raw(stream, early) => Ok(Raw(stream, early)),
+            ServerSide::Hyper(on) => on.await.map(Upgraded),
+        };
+        match (client.await, server) {
+            (Ok(c), Ok(Raw(s, s_early))) => match c.downcast::<TokioIo<TcpStream>>() {
+                Ok(c) => {
+                    let sum = tunnel::run(c.io.into_inner(), c.read_buf, s, s_early, opts, close).await;
+                    tracing::debug!(server = %server_id, end = ?sum.end, up = sum.bytes_up, down = sum.bytes_down, "tunnel closed");
+                }
+                Err(_) => tracing::error!(server = %server_id, "upgraded client connection is not a TCP stream; closing"),
+            },
+            (Ok(c), Ok(Upgraded(s))) if plain => {
                 match (c.downcast::<TokioIo<TcpStream>>(), s.downcast::<TokioIo<TcpStream>>()) {
                     (Ok(c), Ok(s)) => {
                         // move the read-ahead buffers in, so nothing of hyper's outlives the handshake
@@ -683,14 +750,14 @@ fn spawn_tunnel(
                     _ => tracing::error!(server = %server_id, "upgraded connection is not a TCP stream; closing"),
                 }
             }
-            (Ok(c), Ok(s)) => {
+            (Ok(c), Ok(Upgraded(s))) => {
                 // TLS on either side: relay through the streams' own buffers.
                 // Boxed, so the raw-socket tunnels above do not carry its size.
                 let sum = Box::pin(tunnel::run_streams(TokioIo::new(c), TokioIo::new(s), opts, close)).await;
                 tracing::debug!(server = %server_id, end = ?sum.end, up = sum.bytes_up, down = sum.bytes_down, "tunnel closed");
             }
             (c, s) => {
-                if let Err(e) = c.and(s) {
+                if let Err(e) = c.and(s.map(|_| ())) {
                     tracing::debug!(server = %server_id, error = %e, "upgrade did not complete");
                 }
             }
@@ -699,3 +766,10 @@ fn spawn_tunnel(
         drop(guard);
     });
 }
+
+/// A tunnel's server side once connected.
+enum Connected {
+    Raw(TcpStream, Bytes),
+    Upgraded(hyper::upgrade::Upgraded),
+}
+use Connected::{Raw, Upgraded};
