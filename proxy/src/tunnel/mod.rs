@@ -162,6 +162,27 @@ impl Dir {
 /// Relays between `client` and `server` until both sides closed, an error,
 /// the idle timeout, or `shutdown`. `client_early` and `server_early` are
 /// bytes already read past the HTTP heads.
+/// Hyper's connection task and the request's task polled these sockets
+/// before the tunnel took them over, and each socket still holds their
+/// wakers (the reader/writer slots `poll_read_ready` fills; the tunnel waits
+/// through `readable()`, which does not touch them). A waker keeps its
+/// finished task's memory, about 4 KiB, allocated for the tunnel's whole
+/// life. A no-op waker takes their place. A slot is only filled while its
+/// readiness is clear, so stale read readiness with nothing to read is
+/// cleared first (inside `try_io`, which never clears readiness newer than
+/// the probe). The writer slot is filled only after a write had to wait.
+fn release_wakers(s: &TcpStream) {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if s.poll_read_ready(&mut cx).is_ready() {
+        let _ = s.try_io(tokio::io::Interest::READABLE, || {
+            let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+            SockRef::from(s).peek(&mut probe).map(|_| ())
+        });
+        let _ = s.poll_read_ready(&mut cx);
+    }
+    let _ = s.poll_write_ready(&mut cx);
+}
+
 pub async fn run(
     mut client: TcpStream,
     client_early: bytes::Bytes,
@@ -176,6 +197,8 @@ pub async fn run(
         up.frames = Some(FrameTracker::default());
         down.frames = Some(FrameTracker::default());
     }
+    release_wakers(&client);
+    release_wakers(&server);
     // copy what hyper read ahead and let its buffers go: an idle tunnel
     // keeps no data buffer (SPEC 6)
     for (dir, early) in [(&mut up, client_early), (&mut down, server_early)] {
@@ -301,6 +324,7 @@ async fn read_to_eof(s: &mut TcpStream) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use tokio::net::TcpListener;
 
     async fn pair() -> (TcpStream, TcpStream) {
@@ -308,6 +332,66 @@ mod tests {
         let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (b, _) = l.accept().await.unwrap();
         (a, b)
+    }
+
+    /// A waker that records when the last reference to it goes.
+    struct Tracked(Arc<std::sync::atomic::AtomicBool>);
+
+    impl std::task::Wake for Tracked {
+        fn wake(self: Arc<Self>) {}
+    }
+
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_lets_go_of_the_wakers_of_the_tasks_that_used_its_sockets() {
+        let (_client, proxy_c) = pair().await;
+        let (proxy_s, _server) = pair().await;
+        // as hyper's connection task leaves them: waiting to read, its waker stored
+        let mut released = Vec::new();
+        for s in [&proxy_c, &proxy_s] {
+            let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let waker = std::task::Waker::from(Arc::new(Tracked(flag.clone())));
+            // a fresh socket may report stale readiness first; hyper's last
+            // read cleared it, so clear it the same way
+            let mut cx = std::task::Context::from_waker(&waker);
+            while s.poll_read_ready(&mut cx).is_ready() {
+                let mut b = [0u8; 1];
+                assert!(s.try_read(&mut b).is_err(), "no data was sent");
+            }
+            drop(waker); // the socket holds the only reference now
+            assert!(!flag.load(std::sync::atomic::Ordering::SeqCst));
+            released.push(flag);
+        }
+        let t = tokio::spawn(run(
+            proxy_c,
+            bytes::Bytes::new(),
+            proxy_s,
+            bytes::Bytes::new(),
+            Options {
+                idle_timeout: Duration::from_secs(30),
+                websocket: true,
+                count_into: None,
+            },
+            CancellationToken::new(),
+        ));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !released
+            .iter()
+            .all(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the idle tunnel still holds the old wakers"
+            );
+            tokio::task::yield_now().await;
+        }
+        assert!(!t.is_finished(), "the tunnel is idle, not closed");
+        t.abort();
     }
 
     #[tokio::test]
