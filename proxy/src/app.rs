@@ -306,6 +306,10 @@ pub async fn start_with(config: Config, opts: Options) -> Result<ProxyHandle, St
     let admin = admin_listener.local_addr().unwrap_or(admin_addr);
     tasks.spawn(admin::serve(admin_listener, shared.clone(), stop.clone()));
     tasks.spawn(sweeper(shared.clone(), stop.clone()));
+    tasks.spawn(crate::memory::trimmer(
+        shared.counters.clone(),
+        stop.clone(),
+    ));
     tasks.spawn(crate::monitor::run(shared.clone(), stop.clone()));
     if let Some((c, rx)) = cluster {
         tracing::info!(redis = %c.target.redacted_url(), instance = %c.instance, "using the Redis registry");

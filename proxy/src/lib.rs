@@ -1,6 +1,6 @@
 //! `kp5-proxy`: a WebSocket-aware layer-7 load-balancing proxy with match
 //! affinity. `main.rs` is a thin shell around [`start`].
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod affinity;
@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod config;
 pub mod forward;
 pub mod health;
+pub mod memory;
 pub mod metrics;
 pub mod monitor;
 pub mod reload;
