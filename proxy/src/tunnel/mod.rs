@@ -14,10 +14,10 @@ pub use streams::run_streams;
 use frames::{close_frame, FrameTracker};
 use socket2::SockRef;
 use std::cell::RefCell;
-use std::io::{self, ErrorKind};
+use std::io::{self, ErrorKind, Read};
 use std::net::Shutdown;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -92,12 +92,26 @@ impl Dir {
             let mut scratch = cell.borrow_mut();
             let mut moved = false;
             for _ in 0..BURST {
-                let n = match src.try_read(&mut scratch) {
+                let mut got = 0;
+                let read = src.try_io(Interest::READABLE, || {
+                    let n = (&*SockRef::from(src)).read(&mut scratch[..])?;
+                    got = n;
+                    if n > 0 && n < SCRATCH {
+                        // a short read drained the socket: its readiness is
+                        // cleared now (as tokio's poll_read does), rather
+                        // than by one more read that finds nothing
+                        return Err(ErrorKind::WouldBlock.into());
+                    }
+                    Ok(n)
+                });
+                let drained = got > 0 && got < SCRATCH;
+                let n = match read {
                     Ok(0) => {
                         self.eof = true;
                         return self.finish_if_flushed(dst);
                     }
                     Ok(n) => n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock && drained => got,
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(_) => return Step::Failed,
                 };
@@ -107,6 +121,7 @@ impl Dir {
                     t.feed(&scratch[..n]);
                 }
                 match dst.try_write(&scratch[..n]) {
+                    Ok(w) if w == n && drained => break,
                     Ok(w) if w == n => continue,
                     Ok(w) => {
                         self.pending.extend_from_slice(&scratch[w..n]);
@@ -159,9 +174,6 @@ impl Dir {
     }
 }
 
-/// Relays between `client` and `server` until both sides closed, an error,
-/// the idle timeout, or `shutdown`. `client_early` and `server_early` are
-/// bytes already read past the HTTP heads.
 /// Hyper's connection task and the request's task polled these sockets
 /// before the tunnel took them over, and each socket still holds their
 /// wakers (the reader/writer slots `poll_read_ready` fills; the tunnel waits
@@ -183,6 +195,9 @@ fn release_wakers(s: &TcpStream) {
     let _ = s.poll_write_ready(&mut cx);
 }
 
+/// Relays between `client` and `server` until both sides closed, an error,
+/// the idle timeout, or `shutdown`. `client_early` and `server_early` are
+/// bytes already read past the HTTP heads.
 pub async fn run(
     mut client: TcpStream,
     client_early: bytes::Bytes,
