@@ -104,6 +104,45 @@ def table(figures, rounds):
     return "\n".join(lines), ratios
 
 
+# The targets of issue 6 / SPEC §5 that this run measures: (label, metric,
+# which proxies kp5 must match, higher is better).
+TARGETS = [
+    ("HTTP/1.1 requests/s at least nginx's and HAProxy's", "http1_rps", ["nginx", "haproxy"], True),
+    ("HTTP/1.1 p99 no worse than nginx's", "http1_p99_ms", ["nginx"], False),
+    ("HTTP/2 requests/s at least nginx's and HAProxy's", "http2_rps", ["nginx", "haproxy"], True),
+    ("WebSocket messages/s at least nginx's", "ws_msgs", ["nginx"], True),
+    ("WebSocket p99 round trip no worse than nginx's", "ws_p99_ms", ["nginx"], False),
+    ("KiB per idle WebSocket (9,000 open) at most nginx's (issue 6)", "idle_kib_9000", ["nginx"], False),
+    ("KiB per idle WebSocket (9,000 open) at most HAProxy's (SPEC §5)", "idle_kib_9000", ["haproxy"], False),
+]
+
+
+def targets(figures, rounds):
+    med = lambda key, p: statistics.median(figures[(key, p)])
+    lines = ["| target | kp5-proxy | ratio | result |", "|---|---|---|---|"]
+    for label, key, against, higher in TARGETS:
+        if not all((key, p) in figures for p in ["kp5", *against]):
+            continue
+        mine = med(key, "kp5")
+        ratios = {p: mine / med(key, p) for p in against}
+        met = all((r >= 1.0) if higher else (r <= 1.0) for r in ratios.values())
+        shown = ", ".join(f"{r:.2f}x {'nginx' if p == 'nginx' else 'HAProxy'}" for p, r in ratios.items())
+        lines.append(f"| {label} | {fmt(mine)} | {shown} | {'met' if met else '**not met**'} |")
+    if ("idle_kib_9000", "kp5") in figures:
+        kib = med("idle_kib_9000", "kp5")
+        lines.append(f"| aiming at 4 KiB per idle WebSocket | {fmt(kib)} | | {'met' if kib <= 4.0 else 'not yet'} |")
+    if ("idle_connected_9000", "kp5") in figures:
+        held = figures[("idle_connected_9000", "kp5")]
+        ok = all(h >= 9000 for h in held)
+        lines.append(
+            f"| 9,000 WebSockets held in one process, none failed | {fmt(min(held))} in the worst round | | {'met' if ok else '**not met**'} |"
+        )
+    lines.append(
+        f"| every figure the median of at least 3 alternating rounds | {rounds} rounds | | {'met' if rounds >= 3 else '**not met**'} |"
+    )
+    return "\n".join(lines)
+
+
 def svg(ratios):
     w, row, left = 760, 34, 330
     h = 40 + row * len(ratios)
@@ -127,6 +166,13 @@ def svg(ratios):
     return "\n".join(out)
 
 
+def replace_between(text, start, end, body):
+    if start in text:
+        pre, rest = text.split(start, 1)
+        return pre + body + rest.split(end, 1)[1]
+    return text + "\n" + body + "\n"
+
+
 def main():
     path = sys.argv[1] if len(sys.argv) > 1 else ROOT / "bench/results/latest.json"
     figures = load(path)
@@ -142,11 +188,10 @@ def main():
         f"`bench/results/latest.json`; regenerate with `bash bench/run.sh`.\n\n"
         f"{tab}\n\n![ratios](benchmarks.svg)\n{end}"
     )
-    if start in text:
-        pre, rest = text.split(start, 1)
-        text = pre + body + rest.split(end, 1)[1]
-    else:
-        text += "\n" + body + "\n"
+    text = replace_between(text, start, end, body)
+    start, end = "<!-- targets:start -->", "<!-- targets:end -->"
+    body = f"{start}\n{targets(figures, rounds)}\n{end}"
+    text = replace_between(text, start, end, body)
     doc.write_text(text)
     print(tab)
 

@@ -9,8 +9,11 @@
 #     (RSS of all the proxy's processes, minus its RSS before connecting)
 #   - HTTPS keep-alive requests/s and TLS handshakes/s (wrk, Connection: close;
 #     an ECDSA P-256 certificate made by openssl for the run)
-# Results: bench/results/latest.json; the table and chart in docs/ come from
-# bench/report.py. Usage: bash bench/run.sh [ROUNDS] (default 3).
+#   - then the criterion micro-benchmarks (server selection, match-id
+#     extraction, a 10,000-backend config), unless BENCH_CRITERION=0
+# Results: bench/results/latest.json; the tables and chart in docs/ come from
+# bench/report.py and bench/criterion_report.py. Usage: bash bench/run.sh
+# [ROUNDS] (default 3; the published run uses 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
@@ -224,3 +227,8 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 echo "]" >>$out
 python3 bench/report.py $out
+# the criterion micro-benchmarks and their tables (BENCH_CRITERION=0 skips)
+if [ "${BENCH_CRITERION:-1}" = 1 ]; then
+  cargo bench -q -p kp5-proxy --bench hot_path -- --warm-up-time 1 --measurement-time 2 >$W/criterion.log 2>&1
+  python3 bench/criterion_report.py
+fi
