@@ -46,9 +46,10 @@ pub struct Shared {
     pub live: Live,
     pub affinity: Arc<Affinity>,
     pub clock: Clock,
-    /// hyper's keep-alive client: health checks.
+    /// hyper's keep-alive client: requests with a body to plain backends
+    /// (written while the response is read), health checks.
     pub client: Client<HttpConnector, UpstreamBody>,
-    /// Our HTTP/1.1 client: requests to plain-TCP backends.
+    /// Our HTTP/1.1 client: bodyless requests and upgrades to plain backends.
     pub h1: crate::forward::h1::Pool,
     pub counters: Arc<Counters>,
     /// Open tunnels, so shutdown can wait for them.

@@ -4,16 +4,17 @@
 //! and hands the connection to the response body, which puts it back the
 //! moment the last byte is read. No connection task, no channel hand-off.
 //!
-//! Upgrades (their own connection, kept for the tunnel) and TLS backends use
-//! hyper's client instead; see `forward::send_upgrade` and `tls.rs`.
+//! It carries requests without a body (the common case: GETs, and upgrades,
+//! whose connection becomes the tunnel). A request with a body goes through
+//! hyper's client, which writes the body while it reads the response (an
+//! echoing server would otherwise fill both directions' buffers and stall),
+//! as do TLS backends; see `forward::proxy`.
 
-use super::body::UpstreamBody;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
 use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
@@ -32,9 +33,6 @@ const MAX_HEADERS: usize = 128;
 const MAX_LINE: usize = 4 * 1024;
 /// How much is read from a server at a time.
 const READ_SIZE: usize = 16 * 1024;
-/// Request body frames up to this size are copied behind the head so both
-/// leave in one write.
-const COALESCE: usize = 8 * 1024;
 
 /// Keep-alive connections to backends, by address.
 #[derive(Clone)]
@@ -111,8 +109,8 @@ pub enum Upgrade {
 }
 
 /// A reused connection that failed before any byte of a response arrived:
-/// the server closed it while idle, so the request is sent again on a fresh
-/// one when nothing of its body was consumed.
+/// the server closed it while idle, so the request (which has no body) is
+/// sent again on a fresh one.
 #[allow(clippy::large_enum_variant)] // returned once, never stored
 enum Attempt {
     Done(Response<H1Body>),
@@ -146,9 +144,9 @@ impl Pool {
         self.inner.lock().values().map(Vec::len).sum()
     }
 
-    /// One request/response exchange with the server at `addr`. The response
-    /// body streams from the connection, which goes back to the pool when the
-    /// body has been read to its end.
+    /// One request/response exchange (a request without a body) with the
+    /// server at `addr`. The response body streams from the connection,
+    /// which goes back to the pool when the body has been read to its end.
     pub async fn send(
         &self,
         addr: &Authority,
@@ -156,31 +154,16 @@ impl Pool {
         target: &str,
         headers: &HeaderMap,
         fencing: Option<u64>,
-        body: Option<UpstreamBody>,
     ) -> Result<Response<H1Body>, SendError> {
-        let head = encode_head(method, target, headers, fencing, body.as_ref());
+        let head = encode_head(method, target, headers, fencing);
         let is_head = method == Method::HEAD;
-        let mut body = body;
         let mut fresh_only = false;
         loop {
             let (conn, reused) = match (!fresh_only).then(|| self.checkout(addr)).flatten() {
                 Some(c) => (c, true),
                 None => (self.connect(addr).await?, false),
             };
-            // a retry may only happen while the body is untouched: bodyless
-            // requests alone, since a body is consumed as it is written
-            let replayable = body.is_none();
-            match self
-                .exchange(
-                    conn,
-                    addr,
-                    &head,
-                    body.take(),
-                    is_head,
-                    reused && replayable,
-                )
-                .await?
-            {
+            match self.exchange(conn, addr, &head, is_head, reused).await? {
                 Attempt::Done(resp) => return Ok(resp),
                 Attempt::Stale(reason) => {
                     tracing::debug!(server = %addr, %reason, "idle connection was closed by the server; sending on a new one");
@@ -202,7 +185,7 @@ impl Pool {
         headers: &HeaderMap,
         fencing: Option<u64>,
     ) -> Result<Upgrade, SendError> {
-        let head = encode_head(method, target, headers, fencing, None);
+        let head = encode_head(method, target, headers, fencing);
         let mut conn = self.connect(addr).await?;
         conn.stream
             .write_all(&head)
@@ -222,7 +205,7 @@ impl Pool {
                 early: buf.freeze(),
             });
         }
-        Ok(Upgrade::Answered(self.respond(conn, addr, parsed, true)))
+        Ok(Upgrade::Answered(self.respond(conn, addr, parsed)))
     }
 
     async fn exchange(
@@ -230,7 +213,6 @@ impl Pool {
         mut conn: Conn,
         addr: &Authority,
         head: &[u8],
-        body: Option<UpstreamBody>,
         is_head: bool,
         may_be_stale: bool,
     ) -> Result<Attempt, SendError> {
@@ -241,20 +223,11 @@ impl Pool {
                 Err(SendError::Upstream(e))
             }
         };
-        let written = match body {
-            None => conn.stream.write_all(head).await.map_err(|e| e.to_string()),
-            Some(body) => write_with_body(&mut conn.stream, head, body).await,
-        };
-        if let Err(e) = written {
-            // the server may have answered early (e.g. 413) and closed:
-            // its answer is still worth reading
-            return match read_head(&mut conn, is_head, false).await {
-                Ok(parsed) => Ok(Attempt::Done(self.respond(conn, addr, parsed, false))),
-                Err(_) => stale_or(format!("sending the request: {e}")),
-            };
+        if let Err(e) = conn.stream.write_all(head).await {
+            return stale_or(format!("sending the request: {e}"));
         }
         match read_head(&mut conn, is_head, false).await {
-            Ok(parsed) => Ok(Attempt::Done(self.respond(conn, addr, parsed, true))),
+            Ok(parsed) => Ok(Attempt::Done(self.respond(conn, addr, parsed))),
             Err(HeadError::Closed {
                 nothing_read: true,
                 reason,
@@ -265,13 +238,7 @@ impl Pool {
         }
     }
 
-    fn respond(
-        &self,
-        conn: Conn,
-        addr: &Authority,
-        parsed: Head,
-        sent_all: bool,
-    ) -> Response<H1Body> {
+    fn respond(&self, conn: Conn, addr: &Authority, parsed: Head) -> Response<H1Body> {
         let Head {
             mut response,
             framing,
@@ -280,7 +247,7 @@ impl Pool {
         let mut body = H1Body {
             conn: Some(conn),
             framing,
-            keep_alive: keep_alive && sent_all,
+            keep_alive,
             pool: Arc::downgrade(&self.inner),
             addr: addr.clone(),
         };
@@ -382,14 +349,12 @@ impl Conn {
     }
 }
 
-/// The request head as it goes on the wire. A body of unknown length is
-/// sent chunked; one with a `Content-Length` as is.
+/// The request head as it goes on the wire.
 fn encode_head(
     method: &Method,
     target: &str,
     headers: &HeaderMap,
     fencing: Option<u64>,
-    body: Option<&UpstreamBody>,
 ) -> Vec<u8> {
     let mut h = Vec::with_capacity(256 + headers.len() * 48);
     h.extend_from_slice(method.as_str().as_bytes());
@@ -411,63 +376,8 @@ fn encode_head(
         h.extend_from_slice(token.to_string().as_bytes());
         h.extend_from_slice(b"\r\n");
     }
-    if body.is_some_and(|b| chunked(b, headers)) {
-        h.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    }
     h.extend_from_slice(b"\r\n");
     h
-}
-
-fn chunked(body: &UpstreamBody, headers: &HeaderMap) -> bool {
-    !headers.contains_key(header::CONTENT_LENGTH) && body.size_hint().exact().is_none()
-}
-
-/// Writes the head and the body; small first frames share the head's write.
-async fn write_with_body(
-    stream: &mut TcpStream,
-    head: &[u8],
-    mut body: UpstreamBody,
-) -> Result<(), String> {
-    let chunked = body.size_hint().exact().is_none();
-    let mut pending = head.to_vec();
-    let io = |e: io::Error| format!("sending the request: {e}");
-    loop {
-        let frame = match body.frame().await {
-            None => break,
-            Some(Ok(f)) => f,
-            Some(Err(e)) => return Err(format!("reading the request body from the client: {e}")),
-        };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        if data.is_empty() {
-            continue;
-        }
-        if chunked {
-            pending.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-        }
-        if data.len() <= COALESCE {
-            pending.extend_from_slice(&data);
-        } else {
-            stream.write_all(&pending).await.map_err(io)?;
-            pending.clear();
-            stream.write_all(&data).await.map_err(io)?;
-        }
-        if chunked {
-            pending.extend_from_slice(b"\r\n");
-        }
-        if pending.len() >= COALESCE {
-            stream.write_all(&pending).await.map_err(io)?;
-            pending.clear();
-        }
-    }
-    if chunked {
-        pending.extend_from_slice(b"0\r\n\r\n");
-    }
-    if !pending.is_empty() {
-        stream.write_all(&pending).await.map_err(io)?;
-    }
-    Ok(())
 }
 
 /// A parsed response head.
@@ -893,6 +803,7 @@ impl Body for H1Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -941,7 +852,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("example"));
         let resp = pool
-            .send(addr, &method, "/x?y=1", &h, None, None)
+            .send(addr, &method, "/x?y=1", &h, None)
             .await
             .map_err(|e| format!("{e:?}"))?;
         let (parts, body) = resp.into_parts();
@@ -1123,83 +1034,5 @@ mod tests {
             }
             Upgrade::Switched { .. } => panic!("expected the refusal"),
         }
-    }
-
-    #[tokio::test]
-    async fn an_early_answer_to_an_unread_body_is_passed_on() {
-        let (addr, _) = server(|mut s, _| async move {
-            if read_request(&mut s).await.is_some() {
-                s.write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\nConnection: close\r\n\r\nbig")
-                    .await
-                    .unwrap();
-                // closing with the body unread resets the connection: the
-                // client's writes fail, the answer is still in its buffer
-                drop(s);
-            }
-        })
-        .await;
-        let pool = pool();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        // an endless upload through a real hyper body: a client connection to
-        // a hyper server whose handler forwards its Incoming body here
-        let upload = hyper_upload(rx).await;
-        let mut h = HeaderMap::new();
-        h.insert(header::HOST, HeaderValue::from_static("example"));
-        h.insert(
-            header::CONTENT_LENGTH,
-            HeaderValue::from_static("100000000"),
-        );
-        let resp = pool
-            .send(&addr, &Method::POST, "/upload", &h, None, Some(upload))
-            .await
-            .unwrap();
-        drop(tx);
-        assert_eq!(resp.status(), 413);
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        assert_eq!(&body[..], b"big");
-        assert_eq!(pool.idle_count(), 0);
-    }
-
-    /// An `UpstreamBody` fed by a real client that keeps sending until `stop`.
-    async fn hyper_upload(stop: tokio::sync::oneshot::Receiver<()>) -> UpstreamBody {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let (body_tx, body_rx) = tokio::sync::oneshot::channel();
-        let body_tx = Arc::new(Mutex::new(Some(body_tx)));
-        tokio::spawn(async move {
-            let (s, _) = l.accept().await.unwrap();
-            let svc =
-                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let body_tx = body_tx.clone();
-                    async move {
-                        let slot = super::super::body::BodySlot::new(req.into_body());
-                        if let Some(tx) = body_tx.lock().unwrap().take() {
-                            let _ = tx.send(slot.body());
-                        }
-                        std::future::pending::<()>().await;
-                        Ok::<_, std::convert::Infallible>(http::Response::new(
-                            http_body_util::Empty::<Bytes>::new(),
-                        ))
-                    }
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                .await;
-        });
-        tokio::spawn(async move {
-            let mut c = TcpStream::connect(addr).await.unwrap();
-            c.write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 100000000\r\n\r\n")
-                .await
-                .unwrap();
-            let chunk = vec![b'x'; 64 * 1024];
-            let mut stop = stop;
-            loop {
-                tokio::select! {
-                    _ = &mut stop => return,
-                    r = c.write_all(&chunk) => if r.is_err() { return },
-                }
-            }
-        });
-        body_rx.await.unwrap()
     }
 }

@@ -374,8 +374,13 @@ async fn proxy(
         // connection becomes the tunnel's server side
         let mut raw = None;
         let result = match (upgrade, backend_tls.as_deref()) {
+            (false, None) if body.is_empty() => {
+                send_h1(shared, rt, &parts, path.as_str(), fencing, upstream).await
+            }
             (false, None) => {
-                send_h1(shared, rt, &parts, path.as_str(), &body, fencing, upstream).await
+                // a body is written while the response is read: hyper's client
+                let req = hyper_request(&parts, &path, &body, fencing, upstream, false)?;
+                send(rt, shared.client.request(req), upstream).await
             }
             (true, None) if ctx.scheme == "http" && body.is_empty() => {
                 upgrade_h1(shared, rt, &parts, path.as_str(), fencing, upstream)
@@ -391,7 +396,7 @@ async fn proxy(
             }
             (false, Some(tls)) => {
                 let req = hyper_request(&parts, &path, &body, fencing, upstream, true)?;
-                send(rt, req, upstream, tls).await
+                send(rt, tls.http.request(req), upstream).await
             }
         };
         let finished = Instant::now();
@@ -502,25 +507,23 @@ fn hyper_request(
     Ok(req)
 }
 
-/// A plain HTTP exchange with our own HTTP/1.1 client and its keep-alive pool.
+/// A plain HTTP exchange without a body, with our own HTTP/1.1 client and
+/// its keep-alive pool.
 async fn send_h1(
     shared: &Shared,
     rt: &Runtime,
     parts: &http::request::Parts,
     target: &str,
-    body: &BodySlot,
     fencing: Option<u64>,
     upstream: &Upstream,
 ) -> Result<Response<FromServer>, ProxyError> {
     let timeout = rt.config.proxy.upstream_timeout;
-    let body = (!body.is_empty()).then(|| body.body());
     let sent = shared.h1.send(
         &upstream.address,
         &parts.method,
         target,
         &parts.headers,
         fencing,
-        body,
     );
     let server = || upstream.state.id.to_string();
     match tokio::time::timeout(timeout, sent).await {
@@ -574,15 +577,14 @@ fn h1_error(e: h1::SendError, server: String) -> ProxyError {
     }
 }
 
-/// An HTTP exchange with a TLS backend over its pool's keep-alive client.
+/// An HTTP exchange over one of hyper's keep-alive clients: requests with a
+/// body to plain backends, everything to TLS backends.
 async fn send(
     rt: &Runtime,
-    req: Request<UpstreamBody>,
+    sent: hyper_util::client::legacy::ResponseFuture,
     upstream: &Upstream,
-    tls: &crate::tls::BackendClient,
 ) -> Result<Response<FromServer>, ProxyError> {
     let timeout = rt.config.proxy.upstream_timeout;
-    let sent = tls.http.request(req);
     match tokio::time::timeout(timeout, sent).await {
         Err(_) => Err(ProxyError::Timeout {
             server: upstream.state.id.to_string(),
