@@ -312,6 +312,114 @@ async fn h2c_prior_knowledge_to_http1_backend() {
     assert_eq!(v["headers"]["host"], proxy.listen[0].to_string());
 }
 
+/// Many concurrent HTTP/2 streams on one connection, small and large bodies
+/// both ways: the proxy runs a connection's streams in the connection's own
+/// task and batches their frames, and none may be lost or mixed up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_many_concurrent_streams_on_one_connection() {
+    let b = backends(2).await;
+    let proxy = start_proxy(&config(&servers_of(&b), "", "")).await;
+    let stream = TcpStream::connect(proxy.listen[0]).await.unwrap();
+    let (send, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let requests = (0..300).map(|i| {
+        let mut send = send.clone();
+        async move {
+            // a third small GETs, a third small echoes (under the 1 KiB the
+            // codec batches), a third 256 KiB echoes (several DATA frames)
+            let (req, expect) = match i % 3 {
+                0 => (
+                    http::Request::get(format!("http://play.example/h2/{i}"))
+                        .body(Full::new(Bytes::new()))
+                        .unwrap(),
+                    None,
+                ),
+                1 => {
+                    let body = Bytes::from(format!("stream {i} ").repeat(60));
+                    (
+                        http::Request::post("http://play.example/echo")
+                            .body(Full::new(body.clone()))
+                            .unwrap(),
+                        Some(body),
+                    )
+                }
+                _ => {
+                    let body = Bytes::from(vec![(i % 251) as u8; 256 * 1024]);
+                    (
+                        http::Request::post("http://play.example/echo")
+                            .body(Full::new(body.clone()))
+                            .unwrap(),
+                        Some(body),
+                    )
+                }
+            };
+            let resp = send.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), 200, "stream {i}");
+            let got = resp.into_body().collect().await.unwrap().to_bytes();
+            match expect {
+                Some(body) => assert!(
+                    got == body,
+                    "stream {i}: echo differs ({} bytes back)",
+                    got.len()
+                ),
+                None => {
+                    let v: serde_json::Value = serde_json::from_slice(&got).unwrap();
+                    assert_eq!(v["uri"], format!("/h2/{i}"), "stream {i}");
+                }
+            }
+        }
+    });
+    futures_util::future::join_all(requests).await;
+    assert_eq!(proxy.shared.counters.connections_total.load(Relaxed), 1);
+}
+
+/// A server that answers before it reads the upload (32 MiB each way, more
+/// than the socket buffers hold): the proxy must read the response while it
+/// still writes the request body, or both directions stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_and_download_at_once_with_a_server_that_answers_first() {
+    const SIZE: usize = 32 * 1024 * 1024;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = l.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b).await.unwrap();
+            head.push(b[0]);
+        }
+        s.write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {SIZE}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        s.write_all(&vec![b'd'; SIZE]).await.unwrap();
+        let mut upload = vec![0u8; SIZE];
+        s.read_exact(&mut upload).await.unwrap();
+        assert!(upload.iter().all(|&c| c == b'u'));
+    });
+    let proxy = start_proxy(&config(&[("s", backend, 1)], "", "")).await;
+    let req = http::Request::post(format!("http://{}/both", proxy.listen[0]))
+        .body(Full::new(Bytes::from(vec![b'u'; SIZE])))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(30), client().request(req))
+        .await
+        .expect("the response head arrives while the upload is still going")
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(30), resp.into_body().collect())
+        .await
+        .expect("no stall")
+        .unwrap()
+        .to_bytes();
+    assert_eq!(body.len(), SIZE);
+    server.await.unwrap();
+}
+
 /// Acceptance 11: `--check` names the bad field and exits non-zero.
 #[test]
 fn check_names_the_bad_field() {
