@@ -4,11 +4,15 @@
 
 use crate::app::{ConnCtx, Shared};
 use crate::forward;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -158,13 +162,19 @@ async fn serve_http<I>(
     let peer = ctx.peer;
     let svc = service_fn(move |req| forward::handle(req, ctx.clone()));
     if h2 {
-        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        let streams = StreamSet::default();
+        let mut b = hyper::server::conn::http2::Builder::new(streams.clone());
         b.timer(TokioTimer::new())
             .max_header_list_size(settings.max_header_bytes as u32)
             .keep_alive_interval(Some(settings.idle_timeout / 2))
             .keep_alive_timeout(Duration::from_secs(20));
-        let conn = b.serve_connection(io, svc);
-        if let Err(e) = until_done(conn, &stop, |c| c.graceful_shutdown()).await {
+        let conn = H2Driver {
+            conn: Box::pin(b.serve_connection(Unvectored(io), svc)),
+            streams,
+            running: FuturesUnordered::new(),
+            done: None,
+        };
+        if let Err(e) = until_done(conn, &stop, |d| d.connection().graceful_shutdown()).await {
             tracing::debug!(%peer, error = %e, "h2 connection ended with an error");
         }
     } else {
@@ -177,5 +187,125 @@ async fn serve_http<I>(
         if let Err(e) = until_done(conn, &stop, |c| c.graceful_shutdown()).await {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
+    }
+}
+
+type StreamFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The executor of an HTTP/2 connection's streams: instead of a task each,
+/// they run inside the connection's own task ([`H2Driver`]). hyper hands
+/// them over while the connection is polled; they wait here until then.
+#[derive(Clone, Default)]
+struct StreamSet(Arc<std::sync::Mutex<Vec<StreamFuture>>>);
+
+impl<F> hyper::rt::Executor<F> for StreamSet
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::pin(fut));
+    }
+}
+
+/// Drives an HTTP/2 connection and its streams in one task. Each wake-up
+/// first polls the streams, so every response that is ready queues its
+/// frames, then the connection, which writes them all in one flush (with a
+/// task per stream, hyper flushed about once per response: 0.92 `writev`
+/// per request under h2load against HAProxy's batched 0.18). Streams
+/// accepted during that poll start at once.
+struct H2Driver<C: Future> {
+    conn: Pin<Box<C>>,
+    streams: StreamSet,
+    running: FuturesUnordered<StreamFuture>,
+    done: Option<C::Output>,
+}
+
+impl<C: Future> H2Driver<C> {
+    fn connection(self: Pin<&mut Self>) -> Pin<&mut C> {
+        self.get_mut().conn.as_mut()
+    }
+}
+
+// the connection is pinned in its box; nothing else is pinned
+impl<C: Future> Unpin for H2Driver<C> {}
+
+impl<C: Future> Future for H2Driver<C> {
+    type Output = C::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        let this = self.get_mut();
+        loop {
+            this.running.extend(
+                this.streams
+                    .0
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .drain(..),
+            );
+            while let Poll::Ready(Some(())) = this.running.poll_next_unpin(cx) {}
+            if this.done.is_none() {
+                if let Poll::Ready(out) = this.conn.as_mut().poll(cx) {
+                    this.done = Some(out);
+                }
+            }
+            let accepted = !this
+                .streams
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty();
+            if accepted {
+                continue;
+            }
+            // the connection is over once its last stream is
+            if this.running.is_empty() {
+                if let Some(out) = this.done.take() {
+                    return Poll::Ready(out);
+                }
+            }
+            return Poll::Pending;
+        }
+    }
+}
+
+/// An HTTP/2 connection's socket, reported as not doing vectored writes.
+/// The `h2` codec then copies DATA payloads up to 1 KiB into its write
+/// buffer (instead of chaining those over 256 bytes, which forces a flush
+/// per frame), so the responses of many streams leave in one write: under
+/// h2load, one `writev` per response before.
+struct Unvectored<I>(I);
+
+impl<I: hyper::rt::Read + Unpin> hyper::rt::Read for Unvectored<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<I: hyper::rt::Write + Unpin> hyper::rt::Write for Unvectored<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        false
     }
 }
