@@ -517,7 +517,6 @@ async fn send_h1(
     fencing: Option<u64>,
     upstream: &Upstream,
 ) -> Result<Response<FromServer>, ProxyError> {
-    let timeout = rt.config.proxy.upstream_timeout;
     let sent = shared.h1.send(
         &upstream.address,
         &parts.method,
@@ -525,6 +524,18 @@ async fn send_h1(
         &parts.headers,
         fencing,
     );
+    let resp = h1_within_timeout(rt, upstream, sent).await?;
+    Ok(resp.map(FromServer::H1))
+}
+
+/// Our client's exchange within `upstream_timeout`, its errors as the
+/// request path's.
+async fn h1_within_timeout<T>(
+    rt: &Runtime,
+    upstream: &Upstream,
+    sent: impl std::future::Future<Output = Result<T, h1::SendError>>,
+) -> Result<T, ProxyError> {
+    let timeout = rt.config.proxy.upstream_timeout;
     let server = || upstream.state.id.to_string();
     match tokio::time::timeout(timeout, sent).await {
         Err(_) => Err(ProxyError::Timeout {
@@ -532,7 +543,7 @@ async fn send_h1(
             timeout,
         }),
         Ok(Err(e)) => Err(h1_error(e, server())),
-        Ok(Ok(resp)) => Ok(resp.map(FromServer::H1)),
+        Ok(Ok(v)) => Ok(v),
     }
 }
 
@@ -546,7 +557,6 @@ async fn upgrade_h1(
     fencing: Option<u64>,
     upstream: &Upstream,
 ) -> Result<(Response<FromServer>, Option<(TcpStream, Bytes)>), ProxyError> {
-    let timeout = rt.config.proxy.upstream_timeout;
     let sent = shared.h1.upgrade(
         &upstream.address,
         &parts.method,
@@ -554,20 +564,14 @@ async fn upgrade_h1(
         &parts.headers,
         fencing,
     );
-    let server = || upstream.state.id.to_string();
-    match tokio::time::timeout(timeout, sent).await {
-        Err(_) => Err(ProxyError::Timeout {
-            server: server(),
-            timeout,
-        }),
-        Ok(Err(e)) => Err(h1_error(e, server())),
-        Ok(Ok(h1::Upgrade::Switched {
+    Ok(match h1_within_timeout(rt, upstream, sent).await? {
+        h1::Upgrade::Switched {
             response,
             stream,
             early,
-        })) => Ok((response.map(FromServer::H1), Some((stream, early)))),
-        Ok(Ok(h1::Upgrade::Answered(response))) => Ok((response.map(FromServer::H1), None)),
-    }
+        } => (response.map(FromServer::H1), Some((stream, early))),
+        h1::Upgrade::Answered(response) => (response.map(FromServer::H1), None),
+    })
 }
 
 fn h1_error(e: h1::SendError, server: String) -> ProxyError {
