@@ -140,6 +140,7 @@ impl Pool {
     }
 
     /// Idle connections held now (all servers).
+    #[cfg(test)]
     pub fn idle_count(&self) -> usize {
         self.inner.lock().values().map(Vec::len).sum()
     }
