@@ -59,6 +59,7 @@ cat >$W/kp5.toml <<EOF
 [proxy]
 listen = ["127.0.0.1:8081"]
 worker_threads = 1
+forwarded_headers = ["x-real-ip", "x-forwarded-for"]
 [proxy.tls]
 listen = ["127.0.0.1:8441"]
 certs = [{ cert = "$W/tls.pem", key = "$W/tls.key" }]
@@ -99,6 +100,8 @@ http {
       proxy_pass http://backends;
       proxy_http_version 1.1;
       proxy_set_header Host \$host;
+      proxy_set_header X-Real-IP \$remote_addr;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
       proxy_set_header Connection "";
     }
   }
@@ -108,6 +111,8 @@ http {
       proxy_pass http://backends;
       proxy_http_version 1.1;
       proxy_set_header Host \$host;
+      proxy_set_header X-Real-IP \$remote_addr;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
       proxy_set_header Upgrade \$http_upgrade;
       proxy_set_header Connection \$connection_upgrade;
       proxy_read_timeout 3600s;
@@ -128,10 +133,12 @@ defaults
   timeout server 3600s
   timeout tunnel 3600s
   option http-keep-alive
+  option forwardfor
 frontend fe
   bind 127.0.0.1:8083
   bind 127.0.0.1:8093 proto h2
   bind 127.0.0.1:8443 ssl crt $W/tls-combined.pem alpn http/1.1
+  http-request set-header X-Real-IP %[src]
   default_backend be
 backend be
   balance leastconn

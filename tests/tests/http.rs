@@ -140,6 +140,60 @@ async fn weighted_three_to_one() {
     assert!((0.72..=0.78).contains(&share), "s1 got {share:.3} of 4000");
 }
 
+/// `proxy.forwarded_headers` chooses what the backends see, and a reload
+/// changes it for the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_follow_the_config_and_reloads() {
+    let b = backends(1).await;
+    let with = |list: &str| {
+        kp5_proxy::Config::from_toml(
+            &config(&servers_of(&b), "", &format!("forwarded_headers = {list}")),
+            &kp5_shared::MapEnv::new(),
+        )
+        .unwrap()
+    };
+    let proxy = kp5_proxy::start(with(r#"["x-real-ip", "x-forwarded-for"]"#))
+        .await
+        .unwrap();
+    let url = format!("http://{}/h", proxy.listen[0]);
+    let c = client();
+    let seen = |g: Got| -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_slice(&g.body).unwrap();
+        let mut names: Vec<String> = v["headers"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| k.starts_with("x-") || *k == "forwarded")
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    };
+    let g = get_with(&c, &url, &[("x-forwarded-for", "10.0.0.9")]).await;
+    let v: serde_json::Value = serde_json::from_slice(&g.body).unwrap();
+    assert_eq!(v["headers"]["x-forwarded-for"], "10.0.0.9, 127.0.0.1");
+    assert_eq!(v["headers"]["x-real-ip"], "127.0.0.1");
+    assert_eq!(seen(g), ["x-forwarded-for", "x-real-ip"]);
+
+    proxy.reload(with("[]")).await.unwrap();
+    assert!(
+        seen(get(&c, &url).await).is_empty(),
+        "none when the list is empty"
+    );
+
+    proxy
+        .reload(with(r#"["forwarded", "x-forwarded-proto"]"#))
+        .await
+        .unwrap();
+    let g = get(&c, &url).await;
+    let v: serde_json::Value = serde_json::from_slice(&g.body).unwrap();
+    assert_eq!(
+        v["headers"]["forwarded"],
+        format!("for=127.0.0.1;proto=http;host=\"{}\"", proxy.listen[0])
+    );
+    assert_eq!(seen(g), ["forwarded", "x-forwarded-proto"]);
+}
+
 /// Acceptance 7: a backend killed during a stream of requests; no idempotent
 /// request fails, it leaves rotation at once, and returns when it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

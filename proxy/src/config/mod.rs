@@ -63,7 +63,18 @@ pub struct ProxySettings {
     pub retries: u32,
     pub upstream_keepalive: usize,
     pub upstream_idle_timeout: Duration,
+    pub forwarded: ForwardedHeaders,
     pub tls: Option<TlsSettings>,
+}
+
+/// Which forwarding headers go to the backends (`proxy.forwarded_headers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ForwardedHeaders {
+    pub x_forwarded_for: bool,
+    pub x_forwarded_proto: bool,
+    pub x_forwarded_host: bool,
+    pub forwarded: bool,
+    pub x_real_ip: bool,
 }
 
 /// `[proxy.tls]`, checked. Files are read when the config is applied.

@@ -65,6 +65,12 @@ pub struct RawProxy {
     /// An idle pooled backend connection is closed after this, ms. Default 60000.
     #[serde(default = "d_idle")]
     pub upstream_idle_timeout_ms: u64,
+    /// Forwarding headers added to each request sent to a backend, any of
+    /// "x-forwarded-for" (appended to), "x-forwarded-proto",
+    /// "x-forwarded-host", "forwarded" (RFC 7239, appended to) and
+    /// "x-real-ip" (nginx's `$remote_addr`). Default: the first four.
+    #[serde(default = "d_forwarded")]
+    pub forwarded_headers: Vec<String>,
 }
 
 /// `[proxy.tls]`: TLS listeners (rustls): HTTPS with HTTP/2 or HTTP/1.1 by
@@ -340,6 +346,16 @@ fn d_max_header() -> usize {
 }
 fn d_retries() -> u32 {
     2
+}
+fn d_forwarded() -> Vec<String> {
+    [
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "forwarded",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn d_pool_idle() -> usize {
     256

@@ -178,8 +178,37 @@ fn proxy_settings(p: &RawProxy) -> Result<ProxySettings, ConfigError> {
             "proxy.upstream_idle_timeout_ms",
             p.upstream_idle_timeout_ms,
         )?,
+        forwarded: forwarded_headers(&p.forwarded_headers)?,
         tls,
     })
+}
+
+fn forwarded_headers(names: &[String]) -> Result<ForwardedHeaders, ConfigError> {
+    let mut f = ForwardedHeaders::default();
+    for (i, name) in names.iter().enumerate() {
+        let slot = match name.to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => &mut f.x_forwarded_for,
+            "x-forwarded-proto" => &mut f.x_forwarded_proto,
+            "x-forwarded-host" => &mut f.x_forwarded_host,
+            "forwarded" => &mut f.forwarded,
+            "x-real-ip" => &mut f.x_real_ip,
+            _ => {
+                return Err(ConfigError::invalid(
+                    format!("proxy.forwarded_headers[{i}]"),
+                    format!(
+                        "{name:?} is not one of \"x-forwarded-for\", \"x-forwarded-proto\", \"x-forwarded-host\", \"forwarded\", \"x-real-ip\""
+                    ),
+                ))
+            }
+        };
+        if std::mem::replace(slot, true) {
+            return Err(ConfigError::invalid(
+                format!("proxy.forwarded_headers[{i}]"),
+                format!("{name:?} is listed twice"),
+            ));
+        }
+    }
+    Ok(f)
 }
 
 fn tls_settings(t: &RawTls, plain: &[SocketAddr]) -> Result<TlsSettings, ConfigError> {
@@ -620,6 +649,32 @@ backends = [
         assert!(e.contains("listen_typo") && e.contains("line"), "{e}");
         let e = err(&GOOD.replace("listen = [\"127.0.0.1:8080\"]", "listen = [\"8080\"]"));
         assert!(e.contains("proxy.listen[0]"), "{e}");
+    }
+
+    #[test]
+    fn forwarded_headers_default_to_four_and_are_checked() {
+        let c = Config::from_toml(GOOD, &MapEnv::new()).unwrap();
+        let f = c.proxy.forwarded;
+        assert!(f.x_forwarded_for && f.x_forwarded_proto && f.x_forwarded_host && f.forwarded);
+        assert!(!f.x_real_ip);
+        let with =
+            |list: &str| GOOD.replace("[proxy]", &format!("[proxy]\nforwarded_headers = {list}"));
+        let c = Config::from_toml(&with(r#"["X-Real-IP", "x-forwarded-for"]"#), &MapEnv::new())
+            .unwrap();
+        let f = c.proxy.forwarded;
+        assert!(f.x_real_ip && f.x_forwarded_for && !f.forwarded && !f.x_forwarded_proto);
+        let c = Config::from_toml(&with("[]"), &MapEnv::new()).unwrap();
+        assert_eq!(c.proxy.forwarded, ForwardedHeaders::default());
+        let e = err(&with(r#"["x-forwarded-for", "x-client-ip"]"#));
+        assert!(
+            e.contains("proxy.forwarded_headers[1]") && e.contains("x-client-ip"),
+            "{e}"
+        );
+        let e = err(&with(r#"["forwarded", "Forwarded"]"#));
+        assert!(
+            e.contains("proxy.forwarded_headers[1]") && e.contains("twice"),
+            "{e}"
+        );
     }
 
     #[test]

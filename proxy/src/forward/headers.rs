@@ -1,6 +1,7 @@
 //! Header rewriting at the proxy boundary: hop-by-hop headers go (RFC 9110
 //! §7.6.1), the forwarding headers are added, `Host` stays as the client sent it.
 
+use crate::config::ForwardedHeaders;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use std::net::IpAddr;
 
@@ -65,27 +66,45 @@ pub fn is_websocket(h: &HeaderMap) -> bool {
 static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
 static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
+static XRI: HeaderName = HeaderName::from_static("x-real-ip");
 
-/// Adds `X-Forwarded-For/-Proto/-Host` and `Forwarded` (RFC 7239), appending
-/// to what earlier proxies wrote.
+/// Adds the forwarding headers `which` names: `X-Forwarded-For` and
+/// `Forwarded` (RFC 7239) append to what earlier proxies wrote,
+/// `X-Forwarded-Proto/-Host` and `X-Real-IP` replace it.
 pub fn add_forwarded(
     h: &mut HeaderMap,
+    which: ForwardedHeaders,
     client: IpAddr,
     proto: &'static str,
     host: Option<&HeaderValue>,
 ) {
     use std::fmt::Write;
-    let ip = client.to_string();
-    let xff = match h.get(&XFF).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip.clone(),
-    };
-    if let Ok(v) = owned_value(xff) {
-        h.insert(&XFF, v);
+    if which == ForwardedHeaders::default() {
+        return;
     }
-    h.insert(&XFP, HeaderValue::from_static(proto));
-    if let Some(host) = host {
+    let ip = client.to_string();
+    if which.x_forwarded_for {
+        let xff = match h.get(&XFF).and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {ip}"),
+            None => ip.clone(),
+        };
+        if let Ok(v) = owned_value(xff) {
+            h.insert(&XFF, v);
+        }
+    }
+    if which.x_real_ip {
+        if let Ok(v) = HeaderValue::from_str(&ip) {
+            h.insert(&XRI, v);
+        }
+    }
+    if which.x_forwarded_proto {
+        h.insert(&XFP, HeaderValue::from_static(proto));
+    }
+    if let (true, Some(host)) = (which.x_forwarded_host, host) {
         h.insert(&XFH, host.clone());
+    }
+    if !which.forwarded {
+        return;
     }
     let mut fwd = String::with_capacity(64);
     if let Some(prev) = h.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
@@ -153,14 +172,53 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(&XFF, "10.0.0.1".parse().unwrap());
         let host = HeaderValue::from_static("play.example");
-        add_forwarded(&mut h, "::1".parse().unwrap(), "http", Some(&host));
+        h.insert(&XRI, "10.0.0.1".parse().unwrap());
+        let all = ForwardedHeaders {
+            x_forwarded_for: true,
+            x_forwarded_proto: true,
+            x_forwarded_host: true,
+            forwarded: true,
+            x_real_ip: true,
+        };
+        let ip = "::1".parse().unwrap();
+        add_forwarded(&mut h, all, ip, "http", Some(&host));
         assert_eq!(h[&XFF], "10.0.0.1, ::1");
+        assert_eq!(
+            h[&XRI], "::1",
+            "X-Real-IP is the peer, as nginx's $remote_addr"
+        );
         assert_eq!(h[&XFP], "http");
         assert_eq!(h[&XFH], "play.example");
         assert_eq!(
             h[header::FORWARDED],
             "for=\"[::1]\";proto=http;host=\"play.example\""
         );
+    }
+
+    #[test]
+    fn only_the_chosen_forwarding_headers_are_added() {
+        let host = HeaderValue::from_static("play.example");
+        let ip = "10.1.2.3".parse().unwrap();
+        let mut none = HeaderMap::new();
+        add_forwarded(
+            &mut none,
+            ForwardedHeaders::default(),
+            ip,
+            "https",
+            Some(&host),
+        );
+        assert!(none.is_empty());
+        let mut h = HeaderMap::new();
+        let nginx_like = ForwardedHeaders {
+            x_forwarded_for: true,
+            x_real_ip: true,
+            ..Default::default()
+        };
+        add_forwarded(&mut h, nginx_like, ip, "https", Some(&host));
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["x-forwarded-for", "x-real-ip"]);
+        assert_eq!(h[&XRI], "10.1.2.3");
     }
 
     #[test]

@@ -317,6 +317,7 @@ async fn proxy(
     }
     headers::add_forwarded(
         &mut parts.headers,
+        settings.forwarded,
         ctx.peer.ip(),
         ctx.scheme,
         host_value.as_ref(),
