@@ -102,6 +102,20 @@ pub struct ConnCtx {
     pub shared: Arc<Shared>,
     pub peer: SocketAddr,
     pub scheme: &'static str,
+    /// The peer's address as the forwarding headers write it, made once
+    /// per connection instead of once per request.
+    pub client: crate::forward::headers::Client,
+}
+
+impl ConnCtx {
+    pub fn new(shared: Arc<Shared>, peer: SocketAddr, scheme: &'static str) -> ConnCtx {
+        ConnCtx {
+            shared,
+            peer,
+            scheme,
+            client: crate::forward::headers::Client::new(peer.ip()),
+        }
+    }
 }
 
 impl Shared {

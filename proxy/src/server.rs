@@ -56,11 +56,8 @@ pub async fn accept_loop(
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
                 let _ = stream.set_nodelay(true);
-                let ctx = Arc::new(ConnCtx {
-                    shared: shared.clone(),
-                    peer,
-                    scheme: if tls { "https" } else { "http" },
-                });
+                let scheme = if tls { "https" } else { "http" };
+                let ctx = Arc::new(ConnCtx::new(shared.clone(), peer, scheme));
                 conns.spawn(serve(stream, ctx, shutdown.clone(), tls));
             }
             Err(e) => {

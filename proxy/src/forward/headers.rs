@@ -68,39 +68,65 @@ static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
 static XRI: HeaderName = HeaderName::from_static("x-real-ip");
 
+/// A client address in the forms the forwarding headers write it.
+#[derive(Debug, Clone)]
+pub struct Client {
+    ip: IpAddr,
+    /// `X-Forwarded-For` and `X-Real-IP`: the bare address
+    value: HeaderValue,
+    /// `Forwarded`: `for=` with IPv6 quoted and bracketed (RFC 7239 §6)
+    node: String,
+}
+
+impl Client {
+    pub fn new(ip: IpAddr) -> Client {
+        let text = ip.to_string();
+        let node = match ip {
+            IpAddr::V4(_) => text.clone(),
+            IpAddr::V6(_) => format!("\"[{text}]\""),
+        };
+        let value = owned_value(text).expect("an IP address is a valid header value");
+        // a Bytes made from a Vec allocates on its first clone; clone once
+        // here so each request's clone only counts a reference
+        let _ = value.clone();
+        Client { ip, value, node }
+    }
+
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+}
+
 /// Adds the forwarding headers `which` names: `X-Forwarded-For` and
 /// `Forwarded` (RFC 7239) append to what earlier proxies wrote,
-/// `X-Forwarded-Proto/-Host` and `X-Real-IP` replace it.
+/// `X-Forwarded-Proto/-Host` and `X-Real-IP` replace it. The host is the
+/// request's `Host`.
 pub fn add_forwarded(
     h: &mut HeaderMap,
     which: ForwardedHeaders,
-    client: IpAddr,
+    client: &Client,
     proto: &'static str,
-    host: Option<&HeaderValue>,
 ) {
-    use std::fmt::Write;
     if which == ForwardedHeaders::default() {
         return;
     }
-    let ip = client.to_string();
     if which.x_forwarded_for {
         let xff = match h.get(&XFF).and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {ip}"),
-            None => ip.clone(),
+            Some(prev) => owned_value(format!("{prev}, {}", client.ip)).ok(),
+            None => Some(client.value.clone()),
         };
-        if let Ok(v) = owned_value(xff) {
+        if let Some(v) = xff {
             h.insert(&XFF, v);
         }
     }
     if which.x_real_ip {
-        if let Ok(v) = HeaderValue::from_str(&ip) {
-            h.insert(&XRI, v);
-        }
+        h.insert(&XRI, client.value.clone());
     }
     if which.x_forwarded_proto {
         h.insert(&XFP, HeaderValue::from_static(proto));
     }
-    if let (true, Some(host)) = (which.x_forwarded_host, host) {
+    let host = h.get(header::HOST).cloned();
+    if let (true, Some(host)) = (which.x_forwarded_host, &host) {
         h.insert(&XFH, host.clone());
     }
     if !which.forwarded {
@@ -111,11 +137,11 @@ pub fn add_forwarded(
         fwd.push_str(prev);
         fwd.push_str(", ");
     }
-    let _ = match client {
-        IpAddr::V4(_) => write!(fwd, "for={ip};proto={proto}"),
-        IpAddr::V6(_) => write!(fwd, "for=\"[{ip}]\";proto={proto}"),
-    };
-    if let Some(host) = host.and_then(|v| v.to_str().ok()) {
+    fwd.push_str("for=");
+    fwd.push_str(&client.node);
+    fwd.push_str(";proto=");
+    fwd.push_str(proto);
+    if let Some(host) = host.as_ref().and_then(|v| v.to_str().ok()) {
         fwd.push_str(";host=\"");
         fwd.push_str(host);
         fwd.push('"');
@@ -171,7 +197,7 @@ mod tests {
     fn forwarded_headers_append() {
         let mut h = HeaderMap::new();
         h.insert(&XFF, "10.0.0.1".parse().unwrap());
-        let host = HeaderValue::from_static("play.example");
+        h.insert(header::HOST, HeaderValue::from_static("play.example"));
         h.insert(&XRI, "10.0.0.1".parse().unwrap());
         let all = ForwardedHeaders {
             x_forwarded_for: true,
@@ -180,8 +206,8 @@ mod tests {
             forwarded: true,
             x_real_ip: true,
         };
-        let ip = "::1".parse().unwrap();
-        add_forwarded(&mut h, all, ip, "http", Some(&host));
+        let ip = Client::new("::1".parse().unwrap());
+        add_forwarded(&mut h, all, &ip, "http");
         assert_eq!(h[&XFF], "10.0.0.1, ::1");
         assert_eq!(
             h[&XRI], "::1",
@@ -197,16 +223,9 @@ mod tests {
 
     #[test]
     fn only_the_chosen_forwarding_headers_are_added() {
-        let host = HeaderValue::from_static("play.example");
-        let ip = "10.1.2.3".parse().unwrap();
+        let ip = Client::new("10.1.2.3".parse().unwrap());
         let mut none = HeaderMap::new();
-        add_forwarded(
-            &mut none,
-            ForwardedHeaders::default(),
-            ip,
-            "https",
-            Some(&host),
-        );
+        add_forwarded(&mut none, ForwardedHeaders::default(), &ip, "https");
         assert!(none.is_empty());
         let mut h = HeaderMap::new();
         let nginx_like = ForwardedHeaders {
@@ -214,7 +233,7 @@ mod tests {
             x_real_ip: true,
             ..Default::default()
         };
-        add_forwarded(&mut h, nginx_like, ip, "https", Some(&host));
+        add_forwarded(&mut h, nginx_like, &ip, "https");
         let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         names.sort();
         assert_eq!(names, ["x-forwarded-for", "x-real-ip"]);

@@ -108,7 +108,11 @@ async fn choose<'rt>(
         };
         let lease = match &shared.cluster {
             Some(cluster) => {
-                place_in_cluster(shared, cluster, pool, id, check, exclude, now).await?
+                // boxed: the Redis path would otherwise size every request's future
+                Box::pin(place_in_cluster(
+                    shared, cluster, pool, id, check, exclude, now,
+                ))
+                .await?
             }
             None => {
                 let pick = || pick_new_match(pool, exclude, now).map(|u| u.state.clone());
@@ -277,15 +281,12 @@ async fn proxy(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let shared = &*ctx.shared;
     let settings = &rt.config.proxy;
-    let host_value = req.headers().get(header::HOST).cloned().or_else(|| {
-        req.uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
-    let host = host_value
-        .as_ref()
-        .and_then(|h| h.to_str().ok())
-        .map(host_without_port);
+    // HTTP/2 names the host in :authority; HTTP/1.1 in Host
+    let host = match req.headers().get(header::HOST) {
+        Some(h) => h.to_str().ok(),
+        None => req.uri().authority().map(|a| a.as_str()),
+    }
+    .map(host_without_port);
     let pool = rt
         .route(host, req.uri().path())
         .ok_or(ProxyError::NoRoute)?;
@@ -312,15 +313,20 @@ async fn proxy(
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    if let (false, Some(h)) = (parts.headers.contains_key(header::HOST), &host_value) {
-        parts.headers.insert(header::HOST, h.clone());
+    if !parts.headers.contains_key(header::HOST) {
+        if let Some(h) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            parts.headers.insert(header::HOST, h);
+        }
     }
     headers::add_forwarded(
         &mut parts.headers,
         settings.forwarded,
-        ctx.peer.ip(),
+        &ctx.client,
         ctx.scheme,
-        host_value.as_ref(),
     );
     let path = parts
         .uri
@@ -393,7 +399,7 @@ async fn proxy(
             }
             (true, tls) => {
                 let req = hyper_request(&parts, &path, &body, fencing, upstream, tls.is_some())?;
-                send_upgrade(rt, req, upstream, tls).await
+                Box::pin(send_upgrade(rt, req, upstream, tls)).await
             }
             (false, Some(tls)) => {
                 let req = hyper_request(&parts, &path, &body, fencing, upstream, true)?;
