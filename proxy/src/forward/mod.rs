@@ -31,31 +31,44 @@ use tokio::net::TcpStream;
 pub const FENCING_HEADER: &str = "x-kp5-fencing-token";
 
 /// Serves one request from a client connection.
-pub async fn handle(
-    req: Request<Incoming>,
+///
+/// Its future is boxed per HTTP/2 stream and lives as long as the request,
+/// so it is kept small: the synchronous work is done here, the request is
+/// taken apart once, and what follows the exchange is a combinator (an
+/// `async` block would keep its own copy of the future it awaits).
+pub fn handle(
+    mut req: Request<Incoming>,
     ctx: Arc<ConnCtx>,
-) -> Result<Response<ProxyBody>, Infallible> {
+) -> impl std::future::Future<Output = Result<Response<ProxyBody>, Infallible>> + Send {
+    use futures_util::FutureExt;
     let rt = ctx.shared.runtime.load_full();
     let access = rt.config.log.access_log;
     let start = access.then(Instant::now);
     let head = access.then(|| (req.method().clone(), req.uri().clone()));
-    let resp = match proxy(req, &ctx, &rt).await {
-        Ok(r) => r,
-        Err(e) => error_response(&ctx.shared, &e),
-    };
-    let status = resp.status().as_u16();
-    ctx.shared.counters.requests[(status / 100).clamp(1, 5) as usize - 1].fetch_add(1, Relaxed);
-    if let (Some((method, uri)), Some(start)) = (head, start) {
-        tracing::info!(
-            target: "access",
-            client = %ctx.peer,
-            %method,
-            %uri,
-            status,
-            ms = start.elapsed().as_secs_f64() * 1e3,
-        );
-    }
-    Ok(resp)
+    let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
+    let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let shared = ctx.shared.clone();
+    let peer = ctx.peer;
+    proxy(parts, body, on_upgrade, ctx, rt).map(move |result| {
+        let resp = match result {
+            Ok(r) => r,
+            Err(e) => error_response(&shared, &e),
+        };
+        let status = resp.status().as_u16();
+        shared.counters.requests[(status / 100).clamp(1, 5) as usize - 1].fetch_add(1, Relaxed);
+        if let (Some((method, uri)), Some(start)) = (head, start) {
+            tracing::info!(
+                target: "access",
+                client = %peer,
+                %method,
+                %uri,
+                status,
+                ms = start.elapsed().as_secs_f64() * 1e3,
+            );
+        }
+        Ok(resp)
+    })
 }
 
 fn error_response(shared: &Shared, e: &ProxyError) -> Response<ProxyBody> {
@@ -275,38 +288,39 @@ fn host_without_port(h: &str) -> &str {
 }
 
 async fn proxy(
-    mut req: Request<Incoming>,
-    ctx: &ConnCtx,
-    rt: &Runtime,
+    mut parts: http::request::Parts,
+    body: Incoming,
+    mut on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ctx: Arc<ConnCtx>,
+    rt: Arc<Runtime>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let (ctx, rt) = (&*ctx, &*rt);
     let shared = &*ctx.shared;
     let settings = &rt.config.proxy;
     // HTTP/2 names the host in :authority; HTTP/1.1 in Host
-    let host = match req.headers().get(header::HOST) {
+    let host = match parts.headers.get(header::HOST) {
         Some(h) => h.to_str().ok(),
-        None => req.uri().authority().map(|a| a.as_str()),
+        None => parts.uri.authority().map(|a| a.as_str()),
     }
     .map(host_without_port);
     let pool = rt
-        .route(host, req.uri().path())
+        .route(host, parts.uri.path())
         .ok_or(ProxyError::NoRoute)?;
 
-    let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
-    let websocket = upgrade && headers::is_websocket(req.headers());
+    let upgrade = on_upgrade.is_some();
+    let websocket = upgrade && headers::is_websocket(&parts.headers);
     let match_id = match_id::extract(
         &pool.cfg.match_id,
-        req.uri().path(),
-        req.uri().query(),
-        req.headers(),
+        parts.uri.path(),
+        parts.uri.query(),
+        &parts.headers,
     )
     .map(|id| id.into_owned());
     let sticky = match (&pool.cfg.sticky_cookie, &match_id) {
-        (Some(name), None) => headers::cookie(req.headers(), name).map(str::to_owned),
+        (Some(name), None) => headers::cookie(&parts.headers, name).map(str::to_owned),
         _ => None,
     };
-    let mut on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
-    let (mut parts, body) = req.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     if upgrade {
         parts
@@ -524,34 +538,49 @@ async fn send_h1(
     fencing: Option<u64>,
     upstream: &Upstream,
 ) -> Result<Response<FromServer>, ProxyError> {
-    let sent = shared.h1.send(
-        &upstream.address,
-        &parts.method,
-        target,
-        &parts.headers,
-        fencing,
+    // built in a statement of its own: a future made and moved in the
+    // awaiting one (or held by a `let`) would keep its bytes in this one's
+    // state for as long as it runs
+    let sent = h1_within_timeout(
+        rt,
+        upstream,
+        shared.h1.send(
+            &upstream.address,
+            &parts.method,
+            target,
+            &parts.headers,
+            fencing,
+        ),
     );
-    let resp = h1_within_timeout(rt, upstream, sent).await?;
+    let resp = sent.await?;
     Ok(resp.map(FromServer::H1))
 }
 
 /// Our client's exchange within `upstream_timeout`, its errors as the
 /// request path's.
-async fn h1_within_timeout<T>(
+///
+///
+/// A combinator, not an `async fn` or block: those keep what they were
+/// given (an argument, a capture) besides the copy they await, and this
+/// future is most of every request's state.
+fn h1_within_timeout<'a, T>(
     rt: &Runtime,
-    upstream: &Upstream,
-    sent: impl std::future::Future<Output = Result<T, h1::SendError>>,
-) -> Result<T, ProxyError> {
+    upstream: &'a Upstream,
+    sent: impl std::future::Future<Output = Result<T, h1::SendError>> + 'a,
+) -> impl std::future::Future<Output = Result<T, ProxyError>> + 'a {
+    use futures_util::FutureExt;
     let timeout = rt.config.proxy.upstream_timeout;
-    let server = || upstream.state.id.to_string();
-    match tokio::time::timeout(timeout, sent).await {
-        Err(_) => Err(ProxyError::Timeout {
-            server: server(),
-            timeout,
-        }),
-        Ok(Err(e)) => Err(h1_error(e, server())),
-        Ok(Ok(v)) => Ok(v),
-    }
+    tokio::time::timeout(timeout, sent).map(move |r| {
+        let server = || upstream.state.id.to_string();
+        match r {
+            Err(_) => Err(ProxyError::Timeout {
+                server: server(),
+                timeout,
+            }),
+            Ok(Err(e)) => Err(h1_error(e, server())),
+            Ok(Ok(v)) => Ok(v),
+        }
+    })
 }
 
 /// An upgrade request over our own client: on 101, the server's raw
@@ -564,14 +593,18 @@ async fn upgrade_h1(
     fencing: Option<u64>,
     upstream: &Upstream,
 ) -> Result<(Response<FromServer>, Option<(TcpStream, Bytes)>), ProxyError> {
-    let sent = shared.h1.upgrade(
-        &upstream.address,
-        &parts.method,
-        target,
-        &parts.headers,
-        fencing,
+    let sent = h1_within_timeout(
+        rt,
+        upstream,
+        shared.h1.upgrade(
+            &upstream.address,
+            &parts.method,
+            target,
+            &parts.headers,
+            fencing,
+        ),
     );
-    Ok(match h1_within_timeout(rt, upstream, sent).await? {
+    Ok(match sent.await? {
         h1::Upgrade::Switched {
             response,
             stream,
