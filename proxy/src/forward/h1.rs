@@ -151,13 +151,10 @@ impl Pool {
     pub async fn send(
         &self,
         addr: &Authority,
-        method: &Method,
-        target: &str,
-        headers: &HeaderMap,
-        fencing: Option<u64>,
+        req: Outgoing<'_>,
     ) -> Result<Response<H1Body>, SendError> {
-        let head = encode_head(method, target, headers, fencing);
-        let is_head = method == Method::HEAD;
+        let head = encode_head(req);
+        let is_head = req.method == Method::HEAD;
         let mut fresh_only = false;
         loop {
             let (conn, reused) = match (!fresh_only).then(|| self.checkout(addr)).flatten() {
@@ -178,15 +175,8 @@ impl Pool {
     /// raw connection comes back with any bytes the server sent after its
     /// head, ready to become the tunnel's server side; any other answer is an
     /// ordinary response.
-    pub async fn upgrade(
-        &self,
-        addr: &Authority,
-        method: &Method,
-        target: &str,
-        headers: &HeaderMap,
-        fencing: Option<u64>,
-    ) -> Result<Upgrade, SendError> {
-        let head = encode_head(method, target, headers, fencing);
+    pub async fn upgrade(&self, addr: &Authority, req: Outgoing<'_>) -> Result<Upgrade, SendError> {
+        let head = encode_head(req);
         let mut conn = self.connect(addr).await?;
         conn.stream
             .write_all(&head)
@@ -350,13 +340,25 @@ impl Conn {
     }
 }
 
+/// A request without a body, as our client sends it.
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a> {
+    pub method: &'a Method,
+    /// Path and query.
+    pub target: &'a str,
+    pub headers: &'a HeaderMap,
+    /// Sent as the fencing header, instead of any the headers carry.
+    pub fencing: Option<u64>,
+}
+
 /// The request head as it goes on the wire.
-fn encode_head(
-    method: &Method,
-    target: &str,
-    headers: &HeaderMap,
-    fencing: Option<u64>,
-) -> Vec<u8> {
+fn encode_head(req: Outgoing<'_>) -> Vec<u8> {
+    let Outgoing {
+        method,
+        target,
+        headers,
+        fencing,
+    } = req;
     let mut h = Vec::with_capacity(256 + headers.len() * 48);
     h.extend_from_slice(method.as_str().as_bytes());
     h.push(b' ');
@@ -845,6 +847,20 @@ mod tests {
         Pool::with(4, Duration::from_secs(30), Duration::from_secs(1))
     }
 
+    fn outgoing<'a>(
+        method: &'a Method,
+        target: &'a str,
+        headers: &'a HeaderMap,
+        fencing: Option<u64>,
+    ) -> Outgoing<'a> {
+        Outgoing {
+            method,
+            target,
+            headers,
+            fencing,
+        }
+    }
+
     async fn get(
         pool: &Pool,
         addr: &Authority,
@@ -853,7 +869,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("example"));
         let resp = pool
-            .send(addr, &method, "/x?y=1", &h, None)
+            .send(addr, outgoing(&method, "/x?y=1", &h, None))
             .await
             .map_err(|e| format!("{e:?}"))?;
         let (parts, body) = resp.into_parts();
@@ -1004,7 +1020,7 @@ mod tests {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         match pool
-            .upgrade(&addr, &Method::GET, "/ws", &h, Some(7))
+            .upgrade(&addr, outgoing(&Method::GET, "/ws", &h, Some(7)))
             .await
             .unwrap()
         {
@@ -1024,7 +1040,7 @@ mod tests {
             Upgrade::Answered(r) => panic!("expected 101, got {}", r.status()),
         }
         match pool
-            .upgrade(&addr, &Method::GET, "/ws", &h, None)
+            .upgrade(&addr, outgoing(&Method::GET, "/ws", &h, None))
             .await
             .unwrap()
         {

@@ -396,7 +396,7 @@ async fn proxy(
         let mut raw = None;
         let result = match (upgrade, backend_tls.as_deref()) {
             (false, None) if body.is_empty() => {
-                send_h1(shared, rt, &parts, path.as_str(), fencing, upstream).await
+                send_h1(shared, rt, outgoing(&parts, &path, fencing), upstream).await
             }
             (false, None) => {
                 // a body is written while the response is read: hyper's client
@@ -404,7 +404,7 @@ async fn proxy(
                 send(rt, shared.client.request(req), upstream).await
             }
             (true, None) if ctx.scheme == "http" && body.is_empty() => {
-                upgrade_h1(shared, rt, &parts, path.as_str(), fencing, upstream)
+                upgrade_h1(shared, rt, outgoing(&parts, &path, fencing), upstream)
                     .await
                     .map(|(resp, r)| {
                         raw = r;
@@ -528,37 +528,37 @@ fn hyper_request(
     Ok(req)
 }
 
+/// The request as our HTTP/1.1 client takes it.
+fn outgoing<'a>(
+    parts: &'a http::request::Parts,
+    path: &'a http::uri::PathAndQuery,
+    fencing: Option<u64>,
+) -> h1::Outgoing<'a> {
+    h1::Outgoing {
+        method: &parts.method,
+        target: path.as_str(),
+        headers: &parts.headers,
+        fencing,
+    }
+}
+
 /// A plain HTTP exchange without a body, with our own HTTP/1.1 client and
 /// its keep-alive pool.
 async fn send_h1(
     shared: &Shared,
     rt: &Runtime,
-    parts: &http::request::Parts,
-    target: &str,
-    fencing: Option<u64>,
+    req: h1::Outgoing<'_>,
     upstream: &Upstream,
 ) -> Result<Response<FromServer>, ProxyError> {
     // built in a statement of its own: a future made and moved in the
-    // awaiting one (or held by a `let`) would keep its bytes in this one's
-    // state for as long as it runs
-    let sent = h1_within_timeout(
-        rt,
-        upstream,
-        shared.h1.send(
-            &upstream.address,
-            &parts.method,
-            target,
-            &parts.headers,
-            fencing,
-        ),
-    );
+    // awaiting one would keep its bytes in this one's state while it runs
+    let sent = h1_within_timeout(rt, upstream, shared.h1.send(&upstream.address, req));
     let resp = sent.await?;
     Ok(resp.map(FromServer::H1))
 }
 
 /// Our client's exchange within `upstream_timeout`, its errors as the
 /// request path's.
-///
 ///
 /// A combinator, not an `async fn` or block: those keep what they were
 /// given (an argument, a capture) besides the copy they await, and this
@@ -588,22 +588,10 @@ fn h1_within_timeout<'a, T>(
 async fn upgrade_h1(
     shared: &Shared,
     rt: &Runtime,
-    parts: &http::request::Parts,
-    target: &str,
-    fencing: Option<u64>,
+    req: h1::Outgoing<'_>,
     upstream: &Upstream,
 ) -> Result<(Response<FromServer>, Option<(TcpStream, Bytes)>), ProxyError> {
-    let sent = h1_within_timeout(
-        rt,
-        upstream,
-        shared.h1.upgrade(
-            &upstream.address,
-            &parts.method,
-            target,
-            &parts.headers,
-            fencing,
-        ),
-    );
+    let sent = h1_within_timeout(rt, upstream, shared.h1.upgrade(&upstream.address, req));
     Ok(match sent.await? {
         h1::Upgrade::Switched {
             response,
