@@ -342,6 +342,30 @@ mod tests {
     use std::sync::Arc;
     use tokio::net::TcpListener;
 
+    /// A tunnel between `c` (which sent `early` before it) and `s`.
+    fn start(
+        c: TcpStream,
+        early: &'static [u8],
+        s: TcpStream,
+        idle_timeout: Duration,
+        websocket: bool,
+    ) -> tokio::task::JoinHandle<Summary> {
+        let opts = Options {
+            idle_timeout,
+            websocket,
+            count_into: None,
+        };
+        let early = bytes::Bytes::from_static(early);
+        tokio::spawn(run(
+            c,
+            early,
+            s,
+            bytes::Bytes::new(),
+            opts,
+            CancellationToken::new(),
+        ))
+    }
+
     async fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
@@ -382,18 +406,7 @@ mod tests {
             assert!(!flag.load(std::sync::atomic::Ordering::SeqCst));
             released.push(flag);
         }
-        let t = tokio::spawn(run(
-            proxy_c,
-            bytes::Bytes::new(),
-            proxy_s,
-            bytes::Bytes::new(),
-            Options {
-                idle_timeout: Duration::from_secs(30),
-                websocket: true,
-                count_into: None,
-            },
-            CancellationToken::new(),
-        ));
+        let t = start(proxy_c, b"", proxy_s, Duration::from_secs(30), true);
         let deadline = Instant::now() + Duration::from_secs(5);
         while !released
             .iter()
@@ -413,18 +426,7 @@ mod tests {
     async fn relays_both_ways_with_half_close_and_back_pressure() {
         let (mut client, proxy_c) = pair().await;
         let (proxy_s, mut server) = pair().await;
-        let t = tokio::spawn(run(
-            proxy_c,
-            bytes::Bytes::from_static(b"early"),
-            proxy_s,
-            bytes::Bytes::new(),
-            Options {
-                idle_timeout: Duration::from_secs(30),
-                websocket: false,
-                count_into: None,
-            },
-            CancellationToken::new(),
-        ));
+        let t = start(proxy_c, b"early", proxy_s, Duration::from_secs(30), false);
         // 8 MiB up while the server does not read: back-pressure, then it all arrives
         let big: Vec<u8> = (0..8 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
         let sent = big.clone();
@@ -453,18 +455,7 @@ mod tests {
     async fn idle_websocket_gets_1001_both_ways() {
         let (mut client, proxy_c) = pair().await;
         let (proxy_s, mut server) = pair().await;
-        let t = tokio::spawn(run(
-            proxy_c,
-            bytes::Bytes::new(),
-            proxy_s,
-            bytes::Bytes::new(),
-            Options {
-                idle_timeout: Duration::from_millis(200),
-                websocket: true,
-                count_into: None,
-            },
-            CancellationToken::new(),
-        ));
+        let t = start(proxy_c, b"", proxy_s, Duration::from_millis(200), true);
         let mut buf = [0u8; 64];
         let n = client.read(&mut buf).await.unwrap();
         assert_eq!(&buf[..n], &close_frame(1001, "going away", false)[..]);
