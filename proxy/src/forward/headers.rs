@@ -91,10 +91,6 @@ impl Client {
         let _ = value.clone();
         Client { ip, value, node }
     }
-
-    pub fn ip(&self) -> IpAddr {
-        self.ip
-    }
 }
 
 /// Adds the forwarding headers `which` names: `X-Forwarded-For` and
@@ -124,6 +120,9 @@ pub fn add_forwarded(
     }
     if which.x_forwarded_proto {
         h.insert(&XFP, HeaderValue::from_static(proto));
+    }
+    if !(which.x_forwarded_host || which.forwarded) {
+        return;
     }
     let host = h.get(header::HOST).cloned();
     if let (true, Some(host)) = (which.x_forwarded_host, &host) {
