@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The comparison run of issue 6: the same two backends behind kp5-proxy,
 # nginx and HAProxy (one worker each, the proxy pinned to core 0, clients and
-# backends on core 1), in alternating rounds:
+# backends on core 1). Each test alternates the three in short slices, the
+# order rotating every round:
 #   - HTTP/1.1 keep-alive requests/s and latency (wrk)
 #   - HTTP/2 requests/s (h2load, cleartext prior knowledge)
 #   - WebSocket echo relay: messages/s and round trip (kp5-loadgen, closed loop)
@@ -13,11 +14,14 @@
 #     extraction, a 10,000-backend config), unless BENCH_CRITERION=0
 # Results: bench/results/latest.json; the tables and chart in docs/ come from
 # bench/report.py and bench/criterion_report.py. Usage: bash bench/run.sh
-# [ROUNDS] (default 3; the published run uses 5).
+# [ROUNDS] (default 12 slices of BENCH_SECONDS=3 per test and proxy; memory
+# per idle WebSocket BENCH_IDLE_ROUNDS=3 rounds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROUNDS=${1:-3}
-DUR=${BENCH_SECONDS:-8}
+ROUNDS=${1:-12}
+DUR=${BENCH_SECONDS:-3}
+IDLE_ROUNDS=${BENCH_IDLE_ROUNDS:-3}
+H2_REQUESTS=${BENCH_H2_REQUESTS:-100000}
 IDLE_SIZES=${BENCH_IDLE_SIZES:-"1000 5000 9000"}
 W=/tmp/kp5-bench
 mkdir -p "$W" bench/results
@@ -34,8 +38,9 @@ cargo build --release -q -p kp5-proxy -p kp5-tests -p kp5-bench --bins
 BIN=target/release
 
 pids=()
+declare -A PID
 cleanup() {
-  for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]:-}" "${PID[@]:-}"; do kill "$p" 2>/dev/null || true; done
   [ -f $W/nginx.pid ] && kill "$(cat $W/nginx.pid)" 2>/dev/null || true
   wait 2>/dev/null || true
 }
@@ -176,44 +181,74 @@ out=bench/results/latest.json
 echo "[" >$out
 first=1
 emit() { if [ $first = 1 ]; then first=0; else echo "," >>$out; fi; echo "$1" >>$out; }
+stop() { # the proxies are started in a subshell, so poll for the exit
+  kill "$1" 2>/dev/null || true
+  for _ in $(seq 1 100); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.05; done
+  kill -9 "$1" 2>/dev/null || true
+}
 
-for round in $(seq 1 "$ROUNDS"); do
-  for name in kp5 nginx haproxy; do
-    pid=$(start $name)
-    wait_port "$(port $name)"
-    sleep 0.5
+# One slice of one test against one proxy (already running, its pid in $2).
+slice() { # test name pid round
+  local test=$1 name=$2 pid=$3 round=$4 p t0 t1 w h l rps p99
+  p=$(port "$name")
+  case $test in
+    http1) # HTTP/1.1 keep-alive; the first round warms each proxy's backend connections for 1 s
+      [ "$round" = 1 ] && { taskset -c 1 wrk -t1 -c50 -d1s "http://127.0.0.1:$p/" >/dev/null 2>&1 || true; }
+      t0=$(cpu_ticks "$pid")
+      w=$(taskset -c 1 wrk -t1 -c50 -d"${DUR}s" --latency "http://127.0.0.1:$p/")
+      t1=$(cpu_ticks "$pid")
+      rps=$(echo "$w" | awk '/Requests\/sec/ {print $2}')
+      p99=$(echo "$w" | awk '$1=="99%" {print $2}')
+      emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"http1\",\"rps\":$rps,\"p99\":\"$p99\",\"seconds\":$DUR,\"cpuSeconds\":$(echo "($t1-$t0)/100" | bc -l)}" ;;
+    http2)
+      h=$(taskset -c 1 h2load -n "$H2_REQUESTS" -c 10 -m 10 "http://127.0.0.1:$(h2port "$name")/" 2>&1 || true)
+      rps=$(echo "$h" | awk '/finished in/ {gsub(",","",$4); print $4}')
+      emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"http2\",\"rps\":${rps:-0}}" ;;
+    https) # HTTPS keep-alive
+      w=$(taskset -c 1 wrk -t1 -c50 -d"${DUR}s" --latency "https://127.0.0.1:$(tlsport "$name")/")
+      rps=$(echo "$w" | awk '/Requests\/sec/ {print $2}')
+      p99=$(echo "$w" | awk '$1=="99%" {print $2}')
+      emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"https\",\"rps\":${rps:-0},\"p99\":\"${p99:-0}\"}" ;;
+    handshakes) # one TLS handshake per request (Connection: close)
+      w=$(taskset -c 1 wrk -t1 -c50 -d"${DUR}s" -H "Connection: close" "https://127.0.0.1:$(tlsport "$name")/")
+      rps=$(echo "$w" | awk '/Requests\/sec/ {print $2}')
+      emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"handshakes\",\"rps\":${rps:-0}}" ;;
+    ws) # WebSocket echo relay, 200 connections, 64-byte messages
+      t0=$(cpu_ticks "$pid")
+      l=$(taskset -c 1 $BIN/kp5-loadgen --url "ws://127.0.0.1:$p/matches/{match}/ws" --connections 200 --matches 20 --mode closed --duration "$DUR" --size 64 | tail -1)
+      t1=$(cpu_ticks "$pid")
+      emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"ws\",\"report\":$l,\"cpuSeconds\":$(echo "($t1-$t0)/100" | bc -l)}" ;;
+  esac
+}
+
+# Throughput and latency: the three proxies run side by side (an idle one
+# costs nothing), and each test alternates them in short slices, the order
+# rotating every round, so that a slow phase of this machine (they last
+# minutes) falls on all three alike instead of on one proxy's whole round.
+PROXIES=(kp5 nginx haproxy)
+for name in "${PROXIES[@]}"; do
+  PID[$name]=$(start "$name")
+  wait_port "$(port "$name")"
+done
+sleep 0.5
+for test in http1 http2 https handshakes ws; do
+  for round in $(seq 1 "$ROUNDS"); do
+    for k in 0 1 2; do
+      name=${PROXIES[$(( (round - 1 + k) % 3 ))]}
+      echo "$test round $round: $name"
+      slice "$test" "$name" "${PID[$name]}" "$round"
+    done
+  done
+done
+for name in "${PROXIES[@]}"; do stop "${PID[$name]}"; done
+PID=()
+
+# Memory per idle WebSocket: a fresh process per size, alternating proxies.
+for round in $(seq 1 "$IDLE_ROUNDS"); do
+  for name in "${PROXIES[@]}"; do
     p=$(port $name)
-    echo "round $round: $name"
-    # HTTP/1.1 keep-alive
-    taskset -c 1 wrk -t1 -c50 -d2s http://127.0.0.1:$p/ >/dev/null 2>&1 || true
-    t0=$(cpu_ticks $pid)
-    w=$(taskset -c 1 wrk -t1 -c50 -d${DUR}s --latency http://127.0.0.1:$p/)
-    t1=$(cpu_ticks $pid)
-    rps=$(echo "$w" | awk '/Requests\/sec/ {print $2}')
-    p99=$(echo "$w" | awk '$1=="99%" {print $2}')
-    emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"http1\",\"rps\":$rps,\"p99\":\"$p99\",\"seconds\":$DUR,\"cpuSeconds\":$(echo "($t1-$t0)/100" | bc -l)}"
-    # HTTP/2
-    h=$(taskset -c 1 h2load -n 100000 -c 10 -m 10 http://127.0.0.1:$(h2port $name)/ 2>&1 || true)
-    h2rps=$(echo "$h" | awk '/finished in/ {gsub(",","",$4); print $4}')
-    emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"http2\",\"rps\":${h2rps:-0}}"
-    # HTTPS keep-alive, then one TLS handshake per request (Connection: close)
-    tp=$(tlsport $name)
-    w=$(taskset -c 1 wrk -t1 -c50 -d${DUR}s --latency https://127.0.0.1:$tp/)
-    rps=$(echo "$w" | awk '/Requests\/sec/ {print $2}')
-    p99=$(echo "$w" | awk '$1=="99%" {print $2}')
-    emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"https\",\"rps\":${rps:-0},\"p99\":\"${p99:-0}\"}"
-    w=$(taskset -c 1 wrk -t1 -c50 -d${DUR}s -H "Connection: close" https://127.0.0.1:$tp/)
-    hs=$(echo "$w" | awk '/Requests\/sec/ {print $2}')
-    emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"handshakes\",\"rps\":${hs:-0}}"
-    # WebSocket echo relay, 200 connections, 64-byte messages
-    t0=$(cpu_ticks $pid)
-    l=$(taskset -c 1 $BIN/kp5-loadgen --url "ws://127.0.0.1:$p/matches/{match}/ws" --connections 200 --matches 20 --mode closed --duration $DUR --size 64 | tail -1)
-    t1=$(cpu_ticks $pid)
-    emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"ws\",\"report\":$l,\"cpuSeconds\":$(echo "($t1-$t0)/100" | bc -l)}"
-    kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true
-    [ $name = nginx ] && sleep 0.3
-    # memory per idle WebSocket: a fresh process per size
     for n in $IDLE_SIZES; do
+      echo "idle round $round: $name, $n"
       pid=$(start $name)
       wait_port "$p"
       sleep 0.5
@@ -227,7 +262,7 @@ for round in $(seq 1 "$ROUNDS"); do
       wait $lg || true
       connected=$(tail -1 $fifo | sed 's/.*"connected":\([0-9]*\).*/\1/')
       emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"idle\",\"connections\":$n,\"connected\":${connected:-0},\"baseKiB\":$base,\"heldKiB\":$held}"
-      kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true
+      stop $pid
       sleep 0.3
     done
   done
