@@ -223,8 +223,9 @@ slice() { # test name pid round
 
 # Throughput and latency: the three proxies run side by side (an idle one
 # costs nothing), and each test alternates them in short slices, the order
-# rotating every round, so that a slow phase of this machine (they last
-# minutes) falls on all three alike instead of on one proxy's whole round.
+# rotating every round, so that a slow spell of this machine falls on the
+# three alike instead of on one proxy's whole round; report.py pairs them by
+# round.
 PROXIES=(kp5 nginx haproxy)
 for name in "${PROXIES[@]}"; do
   PID[$name]=$(start "$name")
