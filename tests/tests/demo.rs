@@ -14,14 +14,11 @@ async fn demo_starts_and_carries_traffic() {
         "{} missing: build with `cargo build --workspace --bins`",
         bin.display()
     );
-    let (port, admin) = (free_port(), free_port());
+    // port 0: the demo binds ports of its own (match servers, agents) right
+    // before the proxy's, so a port chosen here and released could be taken
+    // by one of them; the demo prints the addresses it bound
     let mut child = tokio::process::Command::new(bin)
-        .args([
-            "--port",
-            &port.to_string(),
-            "--admin-port",
-            &admin.to_string(),
-        ])
+        .args(["--port", "0", "--admin-port", "0"])
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -34,6 +31,30 @@ async fn demo_starts_and_carries_traffic() {
         .unwrap()
         .unwrap();
     assert_eq!(first.as_deref(), Some("kp5-demo ready"));
+    // "  dashboard  http://ADDR/dashboard ..." and "  proxy      http://ADDR/ ..."
+    let (mut admin, mut port) = (None, None);
+    while admin.is_none() || port.is_none() {
+        let line = tokio::time::timeout(Duration::from_secs(5), lines.next_line())
+            .await
+            .expect("the demo prints its addresses after `ready`")
+            .unwrap()
+            .expect("the demo's output ended before its addresses");
+        let mut words = line.split_whitespace();
+        let (Some(what), Some(url)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let addr = url.trim_start_matches("http://").split('/').next();
+        let port_of = || {
+            addr.and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+                .map(|a| a.port())
+        };
+        match what {
+            "dashboard" => admin = port_of(),
+            "proxy" => port = port_of(),
+            _ => {}
+        }
+    }
+    let (admin, port) = (admin.unwrap(), port.unwrap());
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
     let c = client();
