@@ -87,14 +87,19 @@ def fmt(v):
     return f"{v:.2f}"
 
 
+def pairs(figures, key, other):
+    """(kp5's figure, the other's) for every round both ran."""
+    mine, theirs = figures[(key, "kp5")], figures[(key, other)]
+    return [(mine[r], theirs[r]) for r in mine if r in theirs]
+
+
 def ratio(figures, key, other):
     """Median over the rounds both ran of kp5's figure over the other's."""
-    mine, theirs = figures[(key, "kp5")], figures[(key, other)]
-    per_round = [mine[r] / theirs[r] for r in mine if r in theirs and theirs[r]]
+    per_round = [a / b for a, b in pairs(figures, key, other) if b]
     return statistics.median(per_round) if per_round else float("nan")
 
 
-def table(figures, rounds):
+def table(figures):
     lines = [
         f"| figure | kp5-proxy | nginx | HAProxy | kp5 / nginx | kp5 / HAProxy |",
         "|---|---|---|---|---|---|",
@@ -140,9 +145,8 @@ def targets(figures, rounds):
         shown = ", ".join(f"{r:.2f}x {name(p)}" for p, r in ratios.items())
         wins = []
         for p in against:
-            a, b = figures[(key, "kp5")], figures[(key, p)]
-            both = [r for r in a if r in b]
-            ahead = sum(1 for r in both if ((a[r] >= b[r]) if higher else (a[r] <= b[r])))
+            both = pairs(figures, key, p)
+            ahead = sum(1 for a, b in both if ((a >= b) if higher else (a <= b)))
             wins.append(f"{ahead} of {len(both)} vs {name(p)}")
         lines.append(f"| {label} | {fmt(mine)} | {shown} | {', '.join(wins)} | {'met' if met else '**not met**'} |")
     if ("idle_kib_9000", "kp5") in figures:
@@ -200,7 +204,7 @@ def main():
     load_rounds = len(figures.get(("http1_rps", "kp5"), {}))
     idle_rounds = len(figures.get(("idle_kib_9000", "kp5"), {}))
     rounds = f"{load_rounds} rounds of load, {idle_rounds} of idle memory"
-    tab, ratios = table(figures, rounds)
+    tab, ratios = table(figures)
     (ROOT / "docs/benchmarks.svg").write_text(svg(ratios))
     doc = ROOT / "docs/benchmarks.md"
     text = doc.read_text()
