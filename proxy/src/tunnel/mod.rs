@@ -178,8 +178,9 @@ impl Dir {
 /// before the tunnel took them over, and each socket still holds their
 /// wakers in its reader and writer slots. A waker keeps its finished task's
 /// memory, about 4 KiB, allocated for as long as it stays there. The tunnel's
-/// own waker replaces the reader's at its first wait ([`wait`]), but the
-/// writer slot is only polled once a write has had to wait, which may be
+/// own waker replaces the reader's at its first wait that finds nothing to
+/// read ([`wait`]; a stale readiness is cleared by the read it causes), but
+/// the writer slot is only polled once a write has had to wait, which may be
 /// never: a no-op waker takes its place now (a slot is only filled while the
 /// socket is not writable, as it rarely is here).
 fn release_wakers(s: &TcpStream) {
