@@ -37,6 +37,15 @@ impl BodySlot {
         BodySlot { slot, end, hint }
     }
 
+    /// A request without a body.
+    pub fn empty() -> Self {
+        BodySlot {
+            slot: None,
+            end: true,
+            hint: SizeHint::with_exact(0),
+        }
+    }
+
     /// A body for one attempt.
     pub fn body(&self) -> UpstreamBody {
         UpstreamBody {

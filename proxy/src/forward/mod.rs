@@ -30,24 +30,37 @@ use tokio::net::TcpStream;
 /// Header carrying a match's fencing token to its server.
 pub const FENCING_HEADER: &str = "x-kp5-fencing-token";
 
-/// Serves one request from a client connection.
-///
-/// Its future is boxed per HTTP/2 stream and lives as long as the request,
-/// so it is kept small: the synchronous work is done here, the request is
-/// taken apart once, and what follows the exchange is a combinator (an
-/// `async` block would keep its own copy of the future it awaits).
+/// Serves one request from a client connection (hyper's servers: HTTP/2,
+/// TLS, and HTTP/1.1 requests with a body or an upgrade).
 pub fn handle(
     mut req: Request<Incoming>,
     ctx: Arc<ConnCtx>,
 ) -> impl std::future::Future<Output = Result<Response<ProxyBody>, Infallible>> + Send {
     use futures_util::FutureExt;
-    let rt = ctx.shared.runtime.load_full();
-    let access = rt.config.log.access_log;
-    let start = access.then(Instant::now);
-    let head = access.then(|| (req.method().clone(), req.uri().clone()));
     let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
+    handle_parts(parts, BodySlot::new(body), on_upgrade, ctx).map(Ok)
+}
+
+/// Serves one request taken apart: its head, its body (if any) and, for an
+/// upgrade, the client's side of the connection to come.
+///
+/// Its future is boxed per HTTP/2 stream and lives as long as the request,
+/// so it is kept small: the synchronous work is done here, and what follows
+/// the exchange is a combinator (an `async` block would keep its own copy
+/// of the future it awaits).
+pub fn handle_parts(
+    parts: http::request::Parts,
+    body: BodySlot,
+    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ctx: Arc<ConnCtx>,
+) -> impl std::future::Future<Output = Response<ProxyBody>> + Send {
+    use futures_util::FutureExt;
+    let rt = ctx.shared.runtime.load_full();
+    let access = rt.config.log.access_log;
+    let start = access.then(Instant::now);
+    let head = access.then(|| (parts.method.clone(), parts.uri.clone()));
     let shared = ctx.shared.clone();
     let peer = ctx.peer;
     proxy(parts, body, on_upgrade, ctx, rt).map(move |result| {
@@ -67,7 +80,7 @@ pub fn handle(
                 ms = start.elapsed().as_secs_f64() * 1e3,
             );
         }
-        Ok(resp)
+        resp
     })
 }
 
@@ -289,7 +302,7 @@ fn host_without_port(h: &str) -> &str {
 
 async fn proxy(
     mut parts: http::request::Parts,
-    body: Incoming,
+    body: BodySlot,
     mut on_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ctx: Arc<ConnCtx>,
     rt: Arc<Runtime>,
@@ -347,7 +360,6 @@ async fn proxy(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    let body = BodySlot::new(body);
     let idempotent = matches!(
         parts.method,
         http::Method::GET
@@ -767,18 +779,18 @@ fn spawn_tunnel(
             ServerSide::Hyper(on) => on.await.map(Upgraded),
         };
         match (client.await, server) {
-            (Ok(c), Ok(Raw(s, s_early))) => match c.downcast::<TokioIo<TcpStream>>() {
-                Ok(c) => {
-                    let sum = tunnel::run(c.io.into_inner(), c.read_buf, s, s_early, opts, close).await;
+            (Ok(c), Ok(Raw(s, s_early))) => match client_socket(c) {
+                Ok((c, c_early)) => {
+                    let sum = tunnel::run(c, c_early, s, s_early, opts, close).await;
                     tracing::debug!(server = %server_id, end = ?sum.end, up = sum.bytes_up, down = sum.bytes_down, "tunnel closed");
                 }
                 Err(_) => tracing::error!(server = %server_id, "upgraded client connection is not a TCP stream; closing"),
             },
             (Ok(c), Ok(Upgraded(s))) if plain => {
-                match (c.downcast::<TokioIo<TcpStream>>(), s.downcast::<TokioIo<TcpStream>>()) {
-                    (Ok(c), Ok(s)) => {
+                match (client_socket(c), s.downcast::<TokioIo<TcpStream>>()) {
+                    (Ok((c, c_early)), Ok(s)) => {
                         // move the read-ahead buffers in, so nothing of hyper's outlives the handshake
-                        let sum = tunnel::run(c.io.into_inner(), c.read_buf, s.io.into_inner(), s.read_buf, opts, close).await;
+                        let sum = tunnel::run(c, c_early, s.io.into_inner(), s.read_buf, opts, close).await;
                         tracing::debug!(server = %server_id, end = ?sum.end, up = sum.bytes_up, down = sum.bytes_down, "tunnel closed");
                     }
                     _ => tracing::error!(server = %server_id, "upgraded connection is not a TCP stream; closing"),
@@ -799,6 +811,22 @@ fn spawn_tunnel(
         counters.websockets_active.fetch_sub(1, Relaxed);
         drop(guard);
     });
+}
+
+/// The socket under a plain client's upgraded connection, and the bytes
+/// read from it but not consumed: those hyper read ahead, then those our
+/// server loop read before it handed the connection over.
+fn client_socket(
+    c: hyper::upgrade::Upgraded,
+) -> Result<(TcpStream, Bytes), hyper::upgrade::Upgraded> {
+    let c = c.downcast::<TokioIo<crate::server::Prefixed>>()?;
+    let (stream, unread) = c.io.into_inner().into_parts();
+    let early = match (c.read_buf.is_empty(), unread.is_empty()) {
+        (_, true) => c.read_buf,
+        (true, false) => unread,
+        (false, false) => [c.read_buf, unread].concat().into(),
+    };
+    Ok((stream, early))
 }
 
 /// A tunnel's server side once connected.

@@ -2,6 +2,9 @@
 //! fatal), tell HTTP/2 prior knowledge from HTTP/1.1 by its preface, and serve
 //! the connection with the timeouts and limits of `[proxy]`.
 
+mod h1;
+pub use h1::Prefixed;
+
 use crate::app::{ConnCtx, Shared};
 use crate::forward;
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -107,7 +110,7 @@ async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, stop: CancellationToken, tl
     counters.connections_active.fetch_sub(1, Relaxed);
 }
 
-async fn serve_plain(stream: TcpStream, ctx: Arc<ConnCtx>, stop: CancellationToken) {
+async fn serve_plain(mut stream: TcpStream, ctx: Arc<ConnCtx>, stop: CancellationToken) {
     let settings = ctx.shared.runtime.load().config.proxy.clone();
     let h2 = match tokio::time::timeout(settings.header_read_timeout, is_h2(&stream)).await {
         Ok(Ok(Some(h2))) => h2,
@@ -117,7 +120,18 @@ async fn serve_plain(stream: TcpStream, ctx: Arc<ConnCtx>, stop: CancellationTok
             return;
         }
     };
-    serve_http(TokioIo::new(stream), h2, ctx, stop, &settings).await;
+    if h2 {
+        serve_http(TokioIo::new(stream), true, ctx, stop, &settings).await;
+        return;
+    }
+    // ours for the common request; hyper's from the first one it is not
+    match h1::serve(&mut stream, &ctx, &stop, &settings).await {
+        h1::End::Closed => {}
+        h1::End::HandOver(read) => {
+            let io = TokioIo::new(Prefixed::new(read, stream));
+            serve_http(io, false, ctx, stop, &settings).await;
+        }
+    }
 }
 
 /// The TLS handshake (within the header timeout), then HTTP/2 or HTTP/1.1
