@@ -17,6 +17,7 @@ use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use std::collections::HashMap;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -431,9 +432,11 @@ async fn read_head(conn: &mut Conn, is_head: bool, upgrade: bool) -> Result<Head
 /// (1xx) responses. `None`: more bytes are needed.
 fn parse_head(buf: &mut BytesMut, is_head: bool, upgrade: bool) -> Result<Option<Head>, HeadError> {
     loop {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut slots);
-        let len = match parsed.parse(buf) {
+        // left uninitialised: 4 KiB need not be zeroed for every response
+        let mut slots = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let config = httparse::ParserConfig::default();
+        let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut slots) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(e) => return Err(HeadError::Invalid(format!("invalid response head: {e}"))),
@@ -454,17 +457,28 @@ fn parse_head(buf: &mut BytesMut, is_head: bool, upgrade: bool) -> Result<Option
         let http11 = parsed.version == Some(1);
         // the header values are slices of the frozen head: no copy per value
         let base = buf.as_ptr() as usize;
-        let mut fields = Vec::with_capacity(parsed.headers.len());
-        for h in parsed.headers.iter() {
-            let name = HeaderName::from_bytes(h.name.as_bytes())
-                .map_err(|_| HeadError::Invalid(format!("invalid header name {:?}", h.name)))?;
-            let start = h.value.as_ptr() as usize - base;
-            fields.push((name, start, start + h.value.len()));
+        // offsets, not slices: the head is frozen before the values are
+        // cut from it (a head is at most MAX_HEAD bytes: 32 bits suffice)
+        let span = |s: &[u8]| {
+            let start = s.as_ptr() as usize - base;
+            [start as u32, (start + s.len()) as u32]
+        };
+        let at = |[a, b]: [u32; 2]| a as usize..b as usize;
+        let mut fields = [[[0u32; 2]; 2]; MAX_HEADERS];
+        let count = parsed.headers.len();
+        for (f, h) in fields.iter_mut().zip(parsed.headers.iter()) {
+            *f = [span(h.name.as_bytes()), span(h.value)];
         }
         let frozen = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(fields.len());
-        for (name, a, b) in fields {
-            let value = HeaderValue::from_maybe_shared(frozen.slice(a..b))
+        let mut headers = HeaderMap::with_capacity(count);
+        for &[name, value] in &fields[..count] {
+            let name = HeaderName::from_bytes(&frozen[at(name)]).map_err(|_| {
+                HeadError::Invalid(format!(
+                    "invalid header name {:?}",
+                    String::from_utf8_lossy(&frozen[at(name)])
+                ))
+            })?;
+            let value = HeaderValue::from_maybe_shared(frozen.slice(at(value)))
                 .map_err(|_| HeadError::Invalid(format!("invalid value of header {name}")))?;
             headers.append(name, value);
         }
