@@ -32,6 +32,8 @@ const MAX_HEADERS: usize = 100;
 const READ_SIZE: usize = 8 * 1024;
 /// Response bytes gathered before they are written.
 const WRITE_AT: usize = 64 * 1024;
+/// Most response-buffer capacity kept between requests.
+const KEEP_OUT: usize = 16 * 1024;
 /// Body chunks at least this large are written as they are, not copied.
 const COPY_LIMIT: usize = 16 * 1024;
 /// After an error answer, how long the client's remaining bytes are read
@@ -58,7 +60,7 @@ pub(super) async fn serve(
     let mut out = Vec::new();
     let cancelled = stop.cancelled();
     tokio::pin!(cancelled);
-    // armed at the first wait; see `wait` for how it follows the deadlines
+    // armed at the first wait; see `Wait` for how it follows the deadlines
     let timer = tokio::time::sleep(settings.header_read_timeout);
     tokio::pin!(timer);
     // when the wait for the next request head began: as under hyper, the
@@ -80,6 +82,10 @@ pub(super) async fn serve(
                     {
                         let _ = stream.shutdown().await;
                         return End::Closed;
+                    }
+                    if out.capacity() > KEEP_OUT {
+                        // a large body passed: an idle connection keeps no more
+                        out = Vec::new();
                     }
                     continue;
                 }
