@@ -8,6 +8,7 @@ phase of the machine falls on all three of it alike. Nothing here is typed
 in by hand."""
 
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -191,6 +192,77 @@ def svg(ratios):
     return "\n".join(out)
 
 
+# The columns of the table of runs: (heading, metric, against, higher is better).
+RUN_COLUMNS = [
+    ("HTTP/1.1 req/s vs nginx", "http1_rps", "nginx", True),
+    ("vs HAProxy", "http1_rps", "haproxy", True),
+    ("HTTP/1.1 p99 vs nginx", "http1_p99_ms", "nginx", False),
+    ("HTTP/2 req/s vs nginx", "http2_rps", "nginx", True),
+    ("vs HAProxy", "http2_rps", "haproxy", True),
+    ("WebSocket msgs/s vs nginx", "ws_msgs", "nginx", True),
+    ("WebSocket p99 vs nginx", "ws_p99_ms", "nginx", False),
+    ("HTTP/1.1 req per proxy core-second vs nginx", "http1_per_core_s", "nginx", True),
+    ("WebSocket msgs per proxy core-second vs nginx", "ws_per_core_s", "nginx", True),
+]
+
+
+def median_interval(xs):
+    """A 95 % interval for the median of `xs` from its order statistics
+    (the sign test's: no assumption about the distribution)."""
+    xs, n = sorted(xs), len(xs)
+    k, below = 0, 0.0
+    # the largest k with P(Binomial(n, 1/2) < k) <= 2.5 %
+    while k < n and below + math.comb(n, k) / 2**n <= 0.025:
+        below += math.comb(n, k) / 2**n
+        k += 1
+    if k == 0:
+        return None
+    return xs[k - 1], xs[n - k]
+
+
+def cell(ratios, higher):
+    if not ratios:
+        return ""
+    ahead = sum(1 for r in ratios if ((r >= 1.0) if higher else (r <= 1.0)))
+    return f"{statistics.median(ratios):.2f}x ({ahead}/{len(ratios)})"
+
+
+def runs_table(paths):
+    """One row per archived run (bench/results/runs/NN-DATE-COMMIT.json),
+    then the rounds of all runs of the same code pooled: the median
+    per-round ratio, a 95 % interval for it, rounds ahead or level."""
+    head = "| run | code | " + " | ".join(c[0] for c in RUN_COLUMNS) + " | KiB per idle WebSocket at 9,000 |"
+    lines = [head, "|" + "---|" * (len(RUN_COLUMNS) + 3)]
+    by_code = {}
+    for path in paths:
+        figures = load(path)
+        run, code = path.stem.split("-")[0], path.stem.split("-")[-1]
+        cells = []
+        for _, key, other, higher in RUN_COLUMNS:
+            if (key, "kp5") not in figures or (key, other) not in figures:
+                cells.append("")
+                continue
+            ratios = [a / b for a, b in pairs(figures, key, other) if b]
+            by_code.setdefault(code, {}).setdefault((key, other), []).extend(ratios)
+            cells.append(cell(ratios, higher))
+        kib = figures.get(("idle_kib_9000", "kp5"))
+        cells.append(fmt(statistics.median(kib.values())) if kib else "")
+        by_code.setdefault(code, {}).setdefault("runs", []).append(run)
+        lines.append(f"| {run} | {code} | " + " | ".join(cells) + " |")
+    for code, pooled in by_code.items():
+        runs = pooled["runs"]
+        if len(runs) < 2:
+            continue
+        cells = []
+        for _, key, other, higher in RUN_COLUMNS:
+            ratios = pooled.get((key, other), [])
+            interval = median_interval(ratios) if ratios else None
+            span = f" [{interval[0]:.2f}–{interval[1]:.2f}]" if interval else ""
+            cells.append(cell(ratios, higher) + span)
+        lines.append(f"| runs {', '.join(runs)} pooled | {code} | " + " | ".join(cells) + " | |")
+    return "\n".join(lines)
+
+
 def replace_between(text, start, end, body):
     if start in text:
         pre, rest = text.split(start, 1)
@@ -220,6 +292,11 @@ def main():
     start, end = "<!-- targets:start -->", "<!-- targets:end -->"
     body = f"{start}\n{targets(figures, rounds)}\n{end}"
     text = replace_between(text, start, end, body)
+    runs = sorted((ROOT / "bench/results/runs").glob("*.json"))
+    if runs:
+        start, end = "<!-- runs:start -->", "<!-- runs:end -->"
+        body = f"{start}\n{runs_table(runs)}\n{end}"
+        text = replace_between(text, start, end, body)
     doc.write_text(text)
     print(tab)
 

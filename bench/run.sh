@@ -12,7 +12,8 @@
 #     an ECDSA P-256 certificate made by openssl for the run)
 #   - then the criterion micro-benchmarks (server selection, match-id
 #     extraction, a 10,000-backend config), unless BENCH_CRITERION=0
-# Results: bench/results/latest.json; the tables and chart in docs/ come from
+# Results: bench/results/latest.json, and a copy of every run in
+# bench/results/runs/; the tables and chart in docs/ come from
 # bench/report.py and bench/criterion_report.py. Usage: bash bench/run.sh
 # [ROUNDS] (default 12 slices of BENCH_SECONDS=3 per test and proxy; memory
 # per idle WebSocket BENCH_IDLE_ROUNDS=3 rounds).
@@ -269,6 +270,13 @@ for round in $(seq 1 "$IDLE_ROUNDS"); do
   done
 done
 echo "]" >>$out
+# every run is kept, named by the commit it measured ("+" when the code
+# differed from it): the table of runs in docs/ pools runs of the same code
+code=$(git rev-parse --short=7 HEAD 2>/dev/null || echo unknown)
+git diff --quiet HEAD -- . ':!bench/results' ':!docs' 2>/dev/null || code="$code+"
+mkdir -p bench/results/runs
+n=$(find bench/results/runs -name '*.json' | wc -l)
+cp $out "bench/results/runs/$(printf %02d $((n + 1)))-$(date -u +%F)-$code.json"
 python3 bench/report.py $out
 # the criterion micro-benchmarks and their tables (BENCH_CRITERION=0 skips)
 if [ "${BENCH_CRITERION:-1}" = 1 ]; then
