@@ -60,7 +60,7 @@ pub(super) async fn serve(
     let mut out = Vec::new();
     let cancelled = stop.cancelled();
     tokio::pin!(cancelled);
-    // armed at the first wait; see `Wait` for how it follows the deadlines
+    // armed at the first wait; see `Read` for how it follows the deadlines
     let timer = tokio::time::sleep(settings.header_read_timeout);
     tokio::pin!(timer);
     // when the wait for the next request head began: as under hyper, the
@@ -101,21 +101,17 @@ pub(super) async fn serve(
         if buf.capacity() - buf.len() < READ_SIZE / 2 {
             buf.reserve(READ_SIZE);
         }
-        match stream.try_read_buf(&mut buf) {
-            Ok(0) => return End::Closed,
-            Ok(_) => continue,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return End::Closed,
-        }
-        let deadline = *head_since.get_or_insert_with(Instant::now) + settings.header_read_timeout;
-        let waited = Wait {
-            stream: &*stream,
+        let read = Read {
+            stream: &mut *stream,
+            buf: &mut buf,
             timer: timer.as_mut(),
-            deadline,
+            since: &mut head_since,
+            timeout: settings.header_read_timeout,
             cancelled: cancelled.as_mut(),
         };
-        match waited.await {
-            Woke::Readable => {}
+        match read.await {
+            Woke::Read(0) | Woke::Failed => return End::Closed,
+            Woke::Read(_) => {}
             Woke::Stop => return End::Closed,
             Woke::Timeout if !buf.is_empty() => {
                 tracing::debug!(peer = %ctx.peer, "request head not complete within the header timeout");
@@ -128,40 +124,53 @@ pub(super) async fn serve(
 }
 
 enum Woke {
-    Readable,
+    /// Bytes read (0: the client closed).
+    Read(usize),
+    Failed,
     Timeout,
     Stop,
 }
 
-/// Waits for the client's next bytes, the deadline, or shutdown.
+/// Reads the client's next bytes, or waits for them until the deadline or
+/// shutdown.
+///
+/// The read goes through `poll_read`, which takes a short read as the
+/// socket drained (as hyper's reads did): the next read then waits for
+/// readiness instead of costing a `recvfrom` that finds nothing.
 ///
 /// The timer is moved only when it fires before the deadline: a
 /// keep-alive connection pushes its deadline on with every request without
-/// touching the timer wheel, which it did twice a request under hyper.
-struct Wait<'a, C> {
-    stream: &'a TcpStream,
+/// touching the timer wheel, which it did twice a request under hyper. The
+/// deadline runs from the first wait for a head (a clock read per wait,
+/// none when the bytes are already there).
+struct Read<'a, C> {
+    stream: &'a mut TcpStream,
+    buf: &'a mut BytesMut,
     timer: Pin<&'a mut Sleep>,
-    deadline: Instant,
+    since: &'a mut Option<Instant>,
+    timeout: Duration,
     cancelled: Pin<&'a mut C>,
 }
 
-impl<C: Future<Output = ()>> Future for Wait<'_, C> {
+impl<C: Future<Output = ()>> Future for Read<'_, C> {
     type Output = Woke;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Woke> {
         let this = self.get_mut();
-        // an error is found by the read that follows
-        if this.stream.poll_read_ready(cx).is_ready() {
-            return Poll::Ready(Woke::Readable);
+        match tokio_util::io::poll_read_buf(Pin::new(&mut *this.stream), cx, this.buf) {
+            Poll::Ready(Ok(n)) => return Poll::Ready(Woke::Read(n)),
+            Poll::Ready(Err(_)) => return Poll::Ready(Woke::Failed),
+            Poll::Pending => {}
         }
         if this.cancelled.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Woke::Stop);
         }
+        let deadline = *this.since.get_or_insert_with(Instant::now) + this.timeout;
         while this.timer.as_mut().poll(cx).is_ready() {
-            if Instant::now() >= this.deadline {
+            if Instant::now() >= deadline {
                 return Poll::Ready(Woke::Timeout);
             }
-            this.timer.as_mut().reset(this.deadline);
+            this.timer.as_mut().reset(deadline);
         }
         Poll::Pending
     }
