@@ -10,8 +10,9 @@
 //! echoing server would otherwise fill both directions' buffers and stall),
 //! as do TLS backends; see `forward::proxy`.
 
+use super::headers::{header_map, offsets, write_field};
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::uri::Authority;
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -369,16 +370,11 @@ fn encode_head(req: Outgoing<'_>) -> Vec<u8> {
         if fencing.is_some() && name.as_str() == super::FENCING_HEADER {
             continue;
         }
-        h.extend_from_slice(name.as_str().as_bytes());
-        h.extend_from_slice(b": ");
-        h.extend_from_slice(value.as_bytes());
-        h.extend_from_slice(b"\r\n");
+        write_field(&mut h, name.as_str().as_bytes(), value.as_bytes());
     }
     if let Some(token) = fencing {
-        h.extend_from_slice(super::FENCING_HEADER.as_bytes());
-        h.extend_from_slice(b": ");
-        h.extend_from_slice(token.to_string().as_bytes());
-        h.extend_from_slice(b"\r\n");
+        let token = token.to_string();
+        write_field(&mut h, super::FENCING_HEADER.as_bytes(), token.as_bytes());
     }
     h.extend_from_slice(b"\r\n");
     h
@@ -456,32 +452,13 @@ fn parse_head(buf: &mut BytesMut, is_head: bool, upgrade: bool) -> Result<Option
         }
         let http11 = parsed.version == Some(1);
         // the header values are slices of the frozen head: no copy per value
-        let base = buf.as_ptr() as usize;
-        // offsets, not slices: the head is frozen before the values are
-        // cut from it (a head is at most MAX_HEAD bytes: 32 bits suffice)
-        let span = |s: &[u8]| {
-            let start = s.as_ptr() as usize - base;
-            [start as u32, (start + s.len()) as u32]
-        };
-        let at = |[a, b]: [u32; 2]| a as usize..b as usize;
         let mut fields = [[[0u32; 2]; 2]; MAX_HEADERS];
         let count = parsed.headers.len();
         for (f, h) in fields.iter_mut().zip(parsed.headers.iter()) {
-            *f = [span(h.name.as_bytes()), span(h.value)];
+            *f = [offsets(buf, h.name.as_bytes()), offsets(buf, h.value)];
         }
         let frozen = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
-        for &[name, value] in &fields[..count] {
-            let name = HeaderName::from_bytes(&frozen[at(name)]).map_err(|_| {
-                HeadError::Invalid(format!(
-                    "invalid header name {:?}",
-                    String::from_utf8_lossy(&frozen[at(name)])
-                ))
-            })?;
-            let value = HeaderValue::from_maybe_shared(frozen.slice(at(value)))
-                .map_err(|_| HeadError::Invalid(format!("invalid value of header {name}")))?;
-            headers.append(name, value);
-        }
+        let headers = header_map(&frozen, &fields[..count]).map_err(HeadError::Invalid)?;
         let framing = framing(&headers, status, is_head)?;
         let keep_alive =
             !matches!(framing, Framing::Close) && connection_persists(&headers, http11);
@@ -820,6 +797,7 @@ impl Body for H1Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::HeaderValue;
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;

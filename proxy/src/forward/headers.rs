@@ -2,6 +2,7 @@
 //! §7.6.1), the forwarding headers are added, `Host` stays as the client sent it.
 
 use crate::config::ForwardedHeaders;
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use std::net::IpAddr;
 
@@ -165,6 +166,48 @@ pub fn cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
             let (k, v) = kv.trim().split_once('=')?;
             (k == name).then(|| v.trim_matches('"'))
         })
+}
+
+/// Writes one header field as HTTP/1.1 puts it on the wire.
+pub fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Where a parsed header's name and value lie in their head, as byte
+/// offsets: the head can be frozen before the values are cut from it.
+/// (A head is at most a few dozen KiB: 32 bits suffice.)
+pub type FieldSpan = [[u32; 2]; 2];
+
+/// Where `part` lies in `head`, which it was parsed from.
+pub fn offsets(head: &[u8], part: &[u8]) -> [u32; 2] {
+    let start = part.as_ptr() as usize - head.as_ptr() as usize;
+    [start as u32, (start + part.len()) as u32]
+}
+
+/// The byte range of an offset pair.
+pub fn range([a, b]: [u32; 2]) -> std::ops::Range<usize> {
+    a as usize..b as usize
+}
+
+/// The header map of a frozen head: the names parsed, the values sliced
+/// from the head (no copy). Err: what is wrong, for the error message.
+pub fn header_map(head: &Bytes, fields: &[FieldSpan]) -> Result<HeaderMap, String> {
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for &[name, value] in fields {
+        let name = HeaderName::from_bytes(&head[range(name)]).map_err(|_| {
+            format!(
+                "invalid header name {:?}",
+                String::from_utf8_lossy(&head[range(name)])
+            )
+        })?;
+        let value = HeaderValue::from_maybe_shared(head.slice(range(value)))
+            .map_err(|_| format!("invalid value of header {name}"))?;
+        headers.append(name, value);
+    }
+    Ok(headers)
 }
 
 #[cfg(test)]

@@ -10,9 +10,10 @@
 
 use crate::app::ConnCtx;
 use crate::config::ProxySettings;
+use crate::forward::headers::{header_map, offsets, range, write_field};
 use crate::forward::{self, body::BodySlot, body::ProxyBody};
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header;
 use http::{Method, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use std::future::Future;
@@ -191,13 +192,6 @@ enum Parsed {
     Bad(StatusCode),
 }
 
-/// Where a header's name and value lie in the head.
-#[derive(Clone, Copy, Default)]
-struct Field {
-    name: (u32, u32),
-    value: (u32, u32),
-}
-
 fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     // offsets into the head are kept in 32 bits
     let max_head = max_head.min(u32::MAX as usize);
@@ -221,13 +215,8 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
         return Parsed::Other;
     };
-    let base = buf.as_ptr() as usize;
-    let span = |s: &[u8]| {
-        let start = s.as_ptr() as usize - base;
-        (start as u32, (start + s.len()) as u32)
-    };
-    let target = span(path.as_bytes());
-    let mut fields = [Field::default(); MAX_HEADERS];
+    let target = offsets(buf, path.as_bytes());
+    let mut fields = [[[0u32; 2]; 2]; MAX_HEADERS];
     let mut close = false;
     for (f, h) in fields.iter_mut().zip(req.headers.iter()) {
         let name = h.name.as_bytes();
@@ -244,28 +233,16 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
                 .split(|&b| b == b',')
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
         }
-        *f = Field {
-            name: span(name),
-            value: span(h.value),
-        };
+        *f = [offsets(buf, name), offsets(buf, h.value)];
     }
     let count = req.headers.len();
     let head = buf.split_to(len).freeze();
-    let at = |(a, b): (u32, u32)| a as usize..b as usize;
-    let Ok(uri) = Uri::from_maybe_shared(head.slice(at(target))) else {
+    let Ok(uri) = Uri::from_maybe_shared(head.slice(range(target))) else {
         return Parsed::Bad(StatusCode::BAD_REQUEST);
     };
-    let mut headers = HeaderMap::with_capacity(count);
-    for f in &fields[..count] {
-        let name = HeaderName::from_bytes(&head[at(f.name)]);
-        let value = HeaderValue::from_maybe_shared(head.slice(at(f.value)));
-        match (name, value) {
-            (Ok(n), Ok(v)) => {
-                headers.append(n, v);
-            }
-            _ => return Parsed::Bad(StatusCode::BAD_REQUEST),
-        }
-    }
+    let Ok(headers) = header_map(&head, &fields[..count]) else {
+        return Parsed::Bad(StatusCode::BAD_REQUEST);
+    };
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = method;
     parts.uri = uri;
@@ -306,24 +283,24 @@ async fn write_response(
         }
         length |= name == header::CONTENT_LENGTH;
         date |= name == header::DATE;
-        field(out, name.as_str().as_bytes(), value.as_bytes());
+        write_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     let framing = if no_body {
         Framing::None
     } else if length {
         Framing::Length
     } else if let Some(n) = body.size_hint().exact() {
-        field(out, b"content-length", n.to_string().as_bytes());
+        write_field(out, b"content-length", n.to_string().as_bytes());
         Framing::Length
     } else {
-        field(out, b"transfer-encoding", b"chunked");
+        write_field(out, b"transfer-encoding", b"chunked");
         Framing::Chunked
     };
     if !date {
-        with_date(|d| field(out, b"date", d));
+        with_date(|d| write_field(out, b"date", d));
     }
     if close {
-        field(out, b"connection", b"close");
+        write_field(out, b"connection", b"close");
     }
     out.extend_from_slice(b"\r\n");
     if framing == Framing::None || body.is_end_stream() {
@@ -380,7 +357,7 @@ async fn send_body(
                 if let (Ok(trailers), true) = (frame.into_trailers(), chunked) {
                     out.extend_from_slice(b"0\r\n");
                     for (name, value) in &trailers {
-                        field(out, name.as_str().as_bytes(), value.as_bytes());
+                        write_field(out, name.as_str().as_bytes(), value.as_bytes());
                     }
                     out.extend_from_slice(b"\r\n");
                     return stream.write_all(out).await;
@@ -405,9 +382,9 @@ async fn send_body(
 async fn refuse(stream: &mut TcpStream, out: &mut Vec<u8>, status: StatusCode) {
     out.clear();
     status_line(out, status);
-    field(out, b"content-length", b"0");
-    with_date(|d| field(out, b"date", d));
-    field(out, b"connection", b"close");
+    write_field(out, b"content-length", b"0");
+    with_date(|d| write_field(out, b"date", d));
+    write_field(out, b"connection", b"close");
     out.extend_from_slice(b"\r\n");
     if stream.write_all(out).await.is_err() || stream.shutdown().await.is_err() {
         return;
@@ -430,13 +407,6 @@ fn status_line(out: &mut Vec<u8>, status: StatusCode) {
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
-}
-
-fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 
