@@ -10,7 +10,7 @@
 //! echoing server would otherwise fill both directions' buffers and stall),
 //! as do TLS backends; see `forward::proxy`.
 
-use super::headers::{header_map, offsets, write_field};
+use super::headers::{header_map, offsets, write_field, FieldSpan};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap};
 use http::uri::Authority;
@@ -452,7 +452,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool, upgrade: bool) -> Result<Option
         }
         let http11 = parsed.version == Some(1);
         // the header values are slices of the frozen head: no copy per value
-        let mut fields = [[[0u32; 2]; 2]; MAX_HEADERS];
+        let mut fields = [FieldSpan::default(); MAX_HEADERS];
         let count = parsed.headers.len();
         for (f, h) in fields.iter_mut().zip(parsed.headers.iter()) {
             *f = [offsets(buf, h.name.as_bytes()), offsets(buf, h.value)];

@@ -10,7 +10,7 @@
 
 use crate::app::ConnCtx;
 use crate::config::ProxySettings;
-use crate::forward::headers::{header_map, offsets, range, write_field};
+use crate::forward::headers::{header_map, offsets, range, write_field, FieldSpan};
 use crate::forward::{self, body::BodySlot, body::ProxyBody};
 use bytes::{Bytes, BytesMut};
 use http::header;
@@ -216,7 +216,7 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
         return Parsed::Other;
     };
     let target = offsets(buf, path.as_bytes());
-    let mut fields = [[[0u32; 2]; 2]; MAX_HEADERS];
+    let mut fields = [FieldSpan::default(); MAX_HEADERS];
     let mut close = false;
     for (f, h) in fields.iter_mut().zip(req.headers.iter()) {
         let name = h.name.as_bytes();
