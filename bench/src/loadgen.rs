@@ -98,10 +98,18 @@ async fn open(url: &str, source: IpAddr) -> Result<Ws, String> {
     }
     let stream = socket.connect(target).await.map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
-    let (ws, _) = tokio_tungstenite::client_async(url, stream)
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config()))
         .await
         .map_err(|e| e.to_string())?;
     Ok(ws)
+}
+
+/// tungstenite zero-fills its whole read buffer before every read (128 KiB
+/// by default): with small messages that memset was 40 % of the load
+/// generator's core, which it shares with the backends, and bounded every
+/// proxy's figure. 4 KiB holds many small frames; larger ones still grow it.
+fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096)
 }
 
 /// A payload carrying its send time (µs since `epoch`), padded to `size`.

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
@@ -251,9 +251,16 @@ async fn handle(
         stats.websockets_total.fetch_add(1, Relaxed);
         tasks.spawn(async move {
             if let Ok(upgraded) = on_upgrade.await {
-                let ws =
-                    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
-                        .await;
+                // tungstenite zero-fills its whole read buffer (128 KiB by
+                // default) before every read: that memset was 40 % of the
+                // core the benchmark's backends share with the load generator
+                let config = WebSocketConfig::default().read_buffer_size(4096);
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
                 tokio::select! {
                     _ = echo(ws, &stats) => {}
                     _ = stop.cancelled() => {}
