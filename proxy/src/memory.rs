@@ -64,7 +64,7 @@ fn supported() -> bool {
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)] // the one foreign call of the crate; see SAFETY below
+#[allow(unsafe_code)] // a foreign call; see SAFETY below
 fn trim() -> bool {
     unsafe extern "C" {
         fn malloc_trim(pad: usize) -> std::os::raw::c_int;

@@ -221,7 +221,9 @@ pub async fn run(
 
     let count = |d: &Dir| d.frames.as_ref().map_or(0, |t| t.messages);
     let mut counted = 0u64;
-    let mut last = Instant::now();
+    // coarse: read on every relayed read, compared only when the timer fires
+    let mut last = crate::clock::coarse_ms();
+    let idle_ms = opts.idle_timeout.as_millis() as u64;
     let idle = tokio::time::sleep(opts.idle_timeout);
     tokio::pin!(idle);
     let cancelled = shutdown.cancelled();
@@ -251,17 +253,18 @@ pub async fn run(
             Event::ServerReadable => down.relay(&server, &client),
             Event::Failed => Step::Failed,
             Event::Idle => {
-                let deadline = last + opts.idle_timeout;
-                if Instant::now() >= deadline {
+                let quiet = crate::clock::coarse_ms().saturating_sub(last);
+                if quiet >= idle_ms {
                     break End::Idle;
                 }
-                idle.as_mut().reset(deadline);
+                let left = Duration::from_millis(idle_ms - quiet);
+                idle.as_mut().reset(Instant::now() + left);
                 Step::Idle
             }
         };
         match step {
             Step::Progress => {
-                last = Instant::now();
+                last = crate::clock::coarse_ms();
                 if let Some((server, total)) = &opts.count_into {
                     let seen = count(&up) + count(&down);
                     if seen > counted {
