@@ -166,6 +166,41 @@ async fn pipelined_head_204_then_a_body_then_close() {
     assert!(closed(&mut s).await, "closed after Connection: close");
 }
 
+/// One GET on `s`: the status, and how long the response took.
+async fn timed_get(s: &mut TcpStream, buf: &mut Vec<u8>, path: &str) -> (u16, Duration) {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let r = read_response(s, buf, false).await;
+    (r.status, started.elapsed())
+}
+
+/// A server slower than `upstream_timeout_ms` gets the client a 504 at the
+/// timeout (our client's lazily moved timer, armed by the request before,
+/// holds for each request); the next request on the same client connection
+/// is answered as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_server_is_cut_at_the_upstream_timeout_with_504() {
+    let b = backends(1).await;
+    let proxy = start_proxy(&config(&servers_of(&b), "", "upstream_timeout_ms = 400")).await;
+    let mut s = TcpStream::connect(proxy.listen[0]).await.unwrap();
+    let mut buf = Vec::new();
+    // the backend connection's timer is armed for 400 ms from here
+    assert_eq!(timed_get(&mut s, &mut buf, "/slow/200").await.0, 200);
+    // answered within its own 400 ms, after the first request's deadline
+    let (status, took) = timed_get(&mut s, &mut buf, "/slow/300").await;
+    assert_eq!(status, 200);
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    let (status, took) = timed_get(&mut s, &mut buf, "/slow/3000").await;
+    assert_eq!(status, 504);
+    assert!(
+        took >= Duration::from_millis(390) && took < Duration::from_millis(2500),
+        "504 after {took:?}"
+    );
+    assert_eq!(timed_get(&mut s, &mut buf, "/after").await.0, 200);
+}
+
 /// A WebSocket upgrade on a connection that already carried a request is
 /// handed over with the bytes read so far and tunnels as on a fresh one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,19 +11,21 @@
 //! as do TLS backends; see `forward::proxy`.
 
 use super::headers::{header_map, offsets, write_field, FieldSpan};
+use crate::clock::coarse_ms;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap};
 use http::uri::Authority;
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -79,13 +81,66 @@ impl std::hash::Hasher for Fnv {
 
 struct Idle {
     conn: Conn,
-    since: Instant,
+    /// When it came back, coarse ms.
+    since: u64,
 }
 
 /// One connection to a server and what was read from it but not yet used.
 struct Conn {
     stream: TcpStream,
     buf: BytesMut,
+    timer: HeadTimer,
+}
+
+/// A connection's one timer for the response-head timeout, moved lazily
+/// (as the server loop's header timer is): armed once, and when it fires
+/// before the current request's deadline (it was set for an earlier
+/// request) it is re-armed for the rest. A request costs a coarse clock
+/// read, not a timer entry inserted into the wheel and taken out again.
+#[derive(Default)]
+struct HeadTimer {
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When `sleep` fires, coarse ms.
+    at: u64,
+}
+
+impl HeadTimer {
+    /// Ready once `deadline` (coarse ms) has passed.
+    fn poll_expired(&mut self, cx: &mut Context<'_>, deadline: u64) -> Poll<()> {
+        loop {
+            match &mut self.sleep {
+                // a timer set for later (the timeout was lowered) is moved
+                Some(sleep) if self.at <= deadline => {
+                    ready!(sleep.as_mut().poll(cx));
+                    let now = coarse_ms();
+                    if now >= deadline {
+                        return Poll::Ready(());
+                    }
+                    self.arm(now, deadline);
+                }
+                _ => self.arm(coarse_ms(), deadline),
+            }
+        }
+    }
+
+    fn arm(&mut self, now: u64, deadline: u64) {
+        let at = tokio::time::Instant::now() + Duration::from_millis(deadline.saturating_sub(now));
+        match &mut self.sleep {
+            Some(sleep) => sleep.as_mut().reset(at),
+            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+        self.at = deadline;
+    }
+
+    /// Drops the waker of the task that waited last: a pooled connection
+    /// must not keep a finished task's memory alive until its timer fires.
+    fn release(&mut self) {
+        if let Some(sleep) = &mut self.sleep {
+            let _ = sleep
+                .as_mut()
+                .poll(&mut Context::from_waker(std::task::Waker::noop()));
+        }
+    }
 }
 
 /// Why an exchange failed.
@@ -95,6 +150,8 @@ pub enum SendError {
     Connect(String),
     /// The server failed after the request (or part of it) was sent.
     Upstream(String),
+    /// No response head within the timeout.
+    Timeout,
 }
 
 /// What a server answered to an upgrade request.
@@ -108,6 +165,12 @@ pub enum Upgrade {
     },
     /// Any other answer (the upgrade was refused), with its body.
     Answered(Response<H1Body>),
+}
+
+/// Where an exchange failed: writing the request or reading the head.
+enum Failed {
+    Write(io::Error),
+    Head(HeadError),
 }
 
 /// A reused connection that failed before any byte of a response arrived:
@@ -148,13 +211,16 @@ impl Pool {
     }
 
     /// One request/response exchange (a request without a body) with the
-    /// server at `addr`. The response body streams from the connection,
-    /// which goes back to the pool when the body has been read to its end.
+    /// server at `addr`, its response head due within `timeout` (connecting
+    /// included). The response body streams from the connection, which goes
+    /// back to the pool when the body has been read to its end.
     pub async fn send(
         &self,
         addr: &Authority,
         req: Outgoing<'_>,
+        timeout: Duration,
     ) -> Result<Response<H1Body>, SendError> {
+        let deadline = coarse_ms() + timeout.as_millis() as u64;
         let head = encode_head(req);
         let is_head = req.method == Method::HEAD;
         let mut fresh_only = false;
@@ -163,7 +229,10 @@ impl Pool {
                 Some(c) => (c, true),
                 None => (self.connect(addr).await?, false),
             };
-            match self.exchange(conn, addr, &head, is_head, reused).await? {
+            match self
+                .exchange(conn, addr, &head, is_head, reused, deadline)
+                .await?
+            {
                 Attempt::Done(resp) => return Ok(resp),
                 Attempt::Stale(reason) => {
                     tracing::debug!(server = %addr, %reason, "idle connection was closed by the server; sending on a new one");
@@ -191,7 +260,7 @@ impl Pool {
             }
         };
         if parsed.response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let Conn { stream, buf } = conn;
+            let Conn { stream, buf, .. } = conn;
             return Ok(Upgrade::Switched {
                 response: parsed.response,
                 stream,
@@ -208,6 +277,7 @@ impl Pool {
         head: &[u8],
         is_head: bool,
         may_be_stale: bool,
+        deadline: u64,
     ) -> Result<Attempt, SendError> {
         let stale_or = |e: String| {
             if may_be_stale {
@@ -216,16 +286,33 @@ impl Pool {
                 Err(SendError::Upstream(e))
             }
         };
-        if let Err(e) = conn.stream.write_all(head).await {
-            return stale_or(format!("sending the request: {e}"));
-        }
-        match read_head(&mut conn, is_head, false).await {
+        let mut timer = std::mem::take(&mut conn.timer);
+        let answer = {
+            let work = async {
+                conn.stream.write_all(head).await.map_err(Failed::Write)?;
+                read_head(&mut conn, is_head, false)
+                    .await
+                    .map_err(Failed::Head)
+            };
+            let mut work = std::pin::pin!(work);
+            std::future::poll_fn(|cx| match work.as_mut().poll(cx) {
+                Poll::Ready(r) => Poll::Ready(Some(r)),
+                Poll::Pending => timer.poll_expired(cx, deadline).map(|()| None),
+            })
+            .await
+        };
+        conn.timer = timer;
+        let Some(answer) = answer else {
+            return Err(SendError::Timeout);
+        };
+        match answer {
+            Err(Failed::Write(e)) => stale_or(format!("sending the request: {e}")),
             Ok(parsed) => Ok(Attempt::Done(self.respond(conn, addr, parsed))),
-            Err(HeadError::Closed {
+            Err(Failed::Head(HeadError::Closed {
                 nothing_read: true,
                 reason,
-            }) => stale_or(reason),
-            Err(HeadError::Closed { reason, .. } | HeadError::Invalid(reason)) => {
+            })) => stale_or(reason),
+            Err(Failed::Head(HeadError::Closed { reason, .. } | HeadError::Invalid(reason))) => {
                 Err(SendError::Upstream(reason))
             }
         }
@@ -255,9 +342,11 @@ impl Pool {
     fn checkout(&self, addr: &Authority) -> Option<Conn> {
         let mut idle = self.inner.lock();
         let list = idle.get_mut(addr)?;
-        let now = Instant::now();
+        let now = coarse_ms();
         while let Some(Idle { conn, since }) = list.pop() {
-            if now.duration_since(since) < self.inner.idle_timeout && conn.is_quiet() {
+            if now.saturating_sub(since) < self.inner.idle_timeout.as_millis() as u64
+                && conn.is_quiet()
+            {
                 return Some(conn);
             }
         }
@@ -277,6 +366,7 @@ impl Pool {
         Ok(Conn {
             stream,
             buf: BytesMut::new(),
+            timer: HeadTimer::default(),
         })
     }
 }
@@ -286,10 +376,11 @@ impl PoolInner {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn put(self: &Arc<Self>, addr: &Authority, conn: Conn) {
+    fn put(self: &Arc<Self>, addr: &Authority, mut conn: Conn) {
         if self.max_idle == 0 {
             return;
         }
+        conn.timer.release();
         {
             let mut idle = self.lock();
             let list = match idle.get_mut(addr) {
@@ -302,7 +393,7 @@ impl PoolInner {
             }
             list.push(Idle {
                 conn,
-                since: Instant::now(),
+                since: coarse_ms(),
             });
         }
         if !self.reaper.swap(true, Ordering::Relaxed) {
@@ -319,9 +410,10 @@ async fn reap(pool: Weak<PoolInner>, idle_timeout: Duration) {
     loop {
         tick.tick().await;
         let Some(pool) = pool.upgrade() else { return };
-        let now = Instant::now();
+        let now = coarse_ms();
+        let idle_ms = idle_timeout.as_millis() as u64;
         pool.lock().retain(|_, list| {
-            list.retain(|i| now.duration_since(i.since) < idle_timeout && i.conn.is_quiet());
+            list.retain(|i| now.saturating_sub(i.since) < idle_ms && i.conn.is_quiet());
             !list.is_empty()
         });
     }
@@ -861,7 +953,11 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("example"));
         let resp = pool
-            .send(addr, outgoing(&method, "/x?y=1", &h, None))
+            .send(
+                addr,
+                outgoing(&method, "/x?y=1", &h, None),
+                Duration::from_secs(30),
+            )
             .await
             .map_err(|e| format!("{e:?}"))?;
         let (parts, body) = resp.into_parts();
@@ -894,6 +990,89 @@ mod tests {
             1,
             "one connection for all three"
         );
+    }
+
+    /// A request on a pooled connection, its body read so the connection
+    /// goes back; how long it took, or the error.
+    async fn timed(
+        pool: &Pool,
+        addr: &Authority,
+        timeout_ms: u64,
+    ) -> (Duration, Result<StatusCode, String>) {
+        let h = HeaderMap::new();
+        let started = std::time::Instant::now();
+        let sent = pool
+            .send(
+                addr,
+                outgoing(&Method::GET, "/", &h, None),
+                Duration::from_millis(timeout_ms),
+            )
+            .await;
+        let r = match sent {
+            Ok(resp) => {
+                let status = resp.status();
+                match resp.into_body().collect().await {
+                    Ok(_) => Ok(status),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            Err(e) => Err(format!("{e:?}")),
+        };
+        (started.elapsed(), r)
+    }
+
+    /// Answers a connection's requests after the delays in `delays_ms`
+    /// (ms, one per request), then reads until the client goes.
+    async fn answer_after(mut s: TcpStream, delays_ms: &[u64]) {
+        for &ms in delays_ms {
+            if read_request(&mut s).await.is_none() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let _ = s.read_to_end(&mut Vec::new()).await;
+    }
+
+    #[tokio::test]
+    async fn each_request_on_a_reused_connection_gets_the_whole_head_timeout() {
+        // the connection's timer is armed by the first request, answered
+        // after 200 ms; the second is answered 300 ms later, after the
+        // first one's deadline but within its own; the third never is
+        let (addr, conns) = server(|s, _| answer_after(s, &[200, 300])).await;
+        let pool = pool();
+        let (_, first) = timed(&pool, &addr, 400).await;
+        assert_eq!(first, Ok(StatusCode::OK));
+        let (took, second) = timed(&pool, &addr, 400).await;
+        assert_eq!(second, Ok(StatusCode::OK), "answered within its own 400 ms");
+        assert!(took >= Duration::from_millis(300));
+        let (took, third) = timed(&pool, &addr, 400).await;
+        assert_eq!(third, Err("Timeout".to_string()));
+        assert!(
+            took >= Duration::from_millis(390) && took < Duration::from_secs(2),
+            "timed out after {took:?}"
+        );
+        assert_eq!(conns.load(Ordering::SeqCst), 1, "all on one connection");
+    }
+
+    #[tokio::test]
+    async fn a_lowered_head_timeout_applies_at_once_on_a_reused_connection() {
+        // armed for 30 s by the first request; the second may wait 200 ms
+        let (addr, conns) = server(|s, _| answer_after(s, &[0])).await;
+        let pool = pool();
+        assert_eq!(timed(&pool, &addr, 30_000).await.1, Ok(StatusCode::OK));
+        let (took, second) = timed(&pool, &addr, 200).await;
+        assert_eq!(second, Err("Timeout".to_string()));
+        assert!(
+            took >= Duration::from_millis(190) && took < Duration::from_secs(2),
+            "timed out after {took:?}"
+        );
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

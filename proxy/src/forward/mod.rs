@@ -24,7 +24,7 @@ use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 /// Header carrying a match's fencing token to its server.
@@ -562,11 +562,14 @@ async fn send_h1(
     req: h1::Outgoing<'_>,
     upstream: &Upstream,
 ) -> Result<Response<FromServer>, ProxyError> {
+    let timeout = rt.config.proxy.upstream_timeout;
     // built in a statement of its own: a future made and moved in the
     // awaiting one would keep its bytes in this one's state while it runs
-    let sent = h1_within_timeout(rt, upstream, shared.h1.send(&upstream.address, req));
-    let resp = sent.await?;
-    Ok(resp.map(FromServer::H1))
+    let sent = shared.h1.send(&upstream.address, req, timeout);
+    match sent.await {
+        Ok(resp) => Ok(resp.map(FromServer::H1)),
+        Err(e) => Err(h1_error(e, upstream.state.id.to_string(), timeout)),
+    }
 }
 
 /// Our client's exchange within `upstream_timeout`, its errors as the
@@ -589,7 +592,7 @@ fn h1_within_timeout<'a, T>(
                 server: server(),
                 timeout,
             }),
-            Ok(Err(e)) => Err(h1_error(e, server())),
+            Ok(Err(e)) => Err(h1_error(e, server(), timeout)),
             Ok(Ok(v)) => Ok(v),
         }
     })
@@ -614,10 +617,11 @@ async fn upgrade_h1(
     })
 }
 
-fn h1_error(e: h1::SendError, server: String) -> ProxyError {
+fn h1_error(e: h1::SendError, server: String, timeout: Duration) -> ProxyError {
     match e {
         h1::SendError::Connect(reason) => ProxyError::Connect { server, reason },
         h1::SendError::Upstream(reason) => ProxyError::Upstream { server, reason },
+        h1::SendError::Timeout => ProxyError::Timeout { server, timeout },
     }
 }
 
