@@ -54,8 +54,8 @@ pub struct Shared {
     pub counters: Arc<Counters>,
     /// Open tunnels, so shutdown can wait for them.
     pub tunnels: TaskTracker,
-    /// Cancelled when tunnels must close (drain timeout passed).
-    pub close_tunnels: CancellationToken,
+    /// Closes the open tunnels (drain timeout passed).
+    pub close_tunnels: crate::tunnel::Close,
     /// Cancelled when health checkers of the current runtime must stop.
     checkers: std::sync::Mutex<CancellationToken>,
     /// The Redis registry, when `[redis]` is set.
@@ -142,7 +142,7 @@ impl Shared {
             h1,
             counters: Arc::default(),
             tunnels: TaskTracker::new(),
-            close_tunnels: CancellationToken::new(),
+            close_tunnels: crate::tunnel::Close::new(),
             checkers: std::sync::Mutex::new(CancellationToken::new()),
             cluster,
             build: std::sync::Mutex::new(()),
@@ -409,7 +409,7 @@ impl ProxyHandle {
                 "closing open WebSockets with 1001"
             );
         }
-        self.shared.close_tunnels.cancel();
+        self.shared.close_tunnels.close();
         let _ = tokio::time::timeout(Duration::from_secs(3), self.shared.tunnels.wait()).await;
         tracing::info!("stopped");
     }

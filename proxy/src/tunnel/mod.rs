@@ -16,6 +16,8 @@ use socket2::SockRef;
 use std::cell::RefCell;
 use std::io::{self, ErrorKind, Read};
 use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
@@ -30,6 +32,38 @@ const LINGER: Duration = Duration::from_secs(1);
 
 thread_local! {
     static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
+}
+
+/// The signal that closes every open tunnel (at the end of a shutdown's
+/// drain). A flag, read with a plain load on every wake-up of every
+/// tunnel, and a token whose waiters list wakes each tunnel once.
+/// `CancellationToken::is_cancelled` takes a lock, and polling its future
+/// another (the waiters list's) on every wake-up: both were in the relay's
+/// profile.
+#[derive(Clone, Default)]
+pub struct Close {
+    closed: Arc<AtomicBool>,
+    token: CancellationToken,
+}
+
+impl Close {
+    pub fn new() -> Close {
+        Close::default()
+    }
+
+    /// Closes the tunnels open now and any opened later.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
 }
 
 /// How a tunnel ended.
@@ -197,7 +231,7 @@ pub async fn run(
     mut server: TcpStream,
     server_early: bytes::Bytes,
     opts: Options,
-    shutdown: CancellationToken,
+    shutdown: Close,
 ) -> Summary {
     let mut up = Dir::default(); // client → server
     let mut down = Dir::default(); // server → client
@@ -226,8 +260,9 @@ pub async fn run(
     let idle_ms = opts.idle_timeout.as_millis() as u64;
     let idle = tokio::time::sleep(opts.idle_timeout);
     tokio::pin!(idle);
-    let cancelled = shutdown.cancelled();
+    let cancelled = shutdown.token().cancelled();
     tokio::pin!(cancelled);
+    let mut armed = Armed::default();
 
     let end = loop {
         if up.done() && down.done() {
@@ -236,23 +271,42 @@ pub async fn run(
         let event = std::future::poll_fn(|cx| {
             wait(
                 cx,
-                &client,
-                &server,
+                Sources {
+                    client: &client,
+                    server: &server,
+                    close: &shutdown,
+                    cancelled: cancelled.as_mut(),
+                    idle: idle.as_mut(),
+                },
                 &up,
                 &down,
-                cancelled.as_mut(),
-                idle.as_mut(),
+                &mut armed,
             )
         })
         .await;
+        // a socket we read or write may have had its readiness cleared,
+        // and with it the waker its slot held: it is polled again
         let step = match event {
             Event::Shutdown => break End::Shutdown,
-            Event::ClientWritable => down.flush(&client),
-            Event::ServerWritable => up.flush(&server),
-            Event::ClientReadable => up.relay(&client, &server),
-            Event::ServerReadable => down.relay(&server, &client),
+            Event::ClientWritable => {
+                armed.clear(Armed::CLIENT_WRITE);
+                down.flush(&client)
+            }
+            Event::ServerWritable => {
+                armed.clear(Armed::SERVER_WRITE);
+                up.flush(&server)
+            }
+            Event::ClientReadable => {
+                armed.clear(Armed::CLIENT_READ | Armed::SERVER_WRITE);
+                up.relay(&client, &server)
+            }
+            Event::ServerReadable => {
+                armed.clear(Armed::SERVER_READ | Armed::CLIENT_WRITE);
+                down.relay(&server, &client)
+            }
             Event::Failed => Step::Failed,
             Event::Idle => {
+                armed.clear(Armed::IDLE);
                 let quiet = crate::clock::coarse_ms().saturating_sub(last);
                 if quiet >= idle_ms {
                     break End::Idle;
@@ -307,54 +361,165 @@ enum Event {
     Failed,
 }
 
+/// The tunnel's wake-up sources that hold this task's waker now (see
+/// [`wait`]).
+#[derive(Default, Clone, Copy)]
+struct Armed(u8);
+
+impl Armed {
+    const CLIENT_READ: u8 = 1;
+    const SERVER_READ: u8 = 2;
+    const CLIENT_WRITE: u8 = 4;
+    const SERVER_WRITE: u8 = 8;
+    const IDLE: u8 = 16;
+    const CLOSE: u8 = 32;
+
+    fn has(self, bit: u8) -> bool {
+        self.0 & bit != 0
+    }
+
+    fn set(&mut self, bit: u8) {
+        self.0 |= bit;
+    }
+
+    fn clear(&mut self, bits: u8) {
+        self.0 &= !bits;
+    }
+}
+
+/// What a tunnel waits on besides its buffers.
+struct Sources<'a, 'b> {
+    client: &'a TcpStream,
+    server: &'a TcpStream,
+    close: &'a Close,
+    cancelled: std::pin::Pin<&'a mut tokio_util::sync::WaitForCancellationFuture<'b>>,
+    idle: std::pin::Pin<&'a mut tokio::time::Sleep>,
+}
+
 /// The first of the tunnel's events that is ready, in priority order:
 /// shutdown, then writes owed (back-pressure first), then reads, then the
 /// idle timer. Polled by hand rather than with `select!`: that built and
 /// dropped a readiness future per socket and a cancellation future on every
-/// wake-up, each registered in and removed from a waiter list under a lock
-/// (a fifth of the proxy's user time per relayed message under load). The
-/// sockets' own waker slots hold this task's waker instead, and the
-/// cancellation future lives as long as the tunnel.
+/// wake-up, each registered in and removed from a waiter list under a lock.
+///
+/// A source is polled, which stores the task's waker in it (for a socket,
+/// under its lock), only when it does not hold the waker yet; one that does
+/// (`armed`) wakes the task when it fires, so a plain load of its state
+/// tells whether it has: the readiness bits of a socket, the state of the
+/// timer, the close flag. Of the two sockets only the one just read or
+/// written is polled again, and the timer and the close token not at all,
+/// where each wake-up used to take four locks. The task is spawned on its
+/// own, so its waker never changes.
 fn wait(
     cx: &mut std::task::Context<'_>,
-    client: &TcpStream,
-    server: &TcpStream,
+    src: Sources<'_, '_>,
     up: &Dir,
     down: &Dir,
-    cancelled: std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
-    idle: std::pin::Pin<&mut tokio::time::Sleep>,
+    armed: &mut Armed,
 ) -> std::task::Poll<Event> {
     use std::future::Future;
     use std::task::Poll::{Pending, Ready};
-    if cancelled.poll(cx).is_ready() {
+    if src.close.is_closed() {
         return Ready(Event::Shutdown);
+    }
+    if !armed.has(Armed::CLOSE) {
+        if src.cancelled.poll(cx).is_ready() {
+            return Ready(Event::Shutdown);
+        }
+        armed.set(Armed::CLOSE);
     }
     let ready =
         |r: io::Result<()>, event: Event| Ready(if r.is_ok() { event } else { Event::Failed });
-    if !down.pending.is_empty() {
-        if let Ready(r) = client.poll_write_ready(cx) {
-            return ready(r, Event::ClientWritable);
+    let checks = [
+        (
+            !down.pending.is_empty(),
+            src.client,
+            Interest::WRITABLE,
+            Armed::CLIENT_WRITE,
+        ),
+        (
+            !up.pending.is_empty(),
+            src.server,
+            Interest::WRITABLE,
+            Armed::SERVER_WRITE,
+        ),
+        (
+            up.can_read(),
+            src.client,
+            Interest::READABLE,
+            Armed::CLIENT_READ,
+        ),
+        (
+            down.can_read(),
+            src.server,
+            Interest::READABLE,
+            Armed::SERVER_READ,
+        ),
+    ];
+    for (wanted, socket, interest, bit) in checks {
+        if !wanted {
+            continue;
+        }
+        if let Some(r) = socket_ready(cx, socket, interest, armed, bit) {
+            let event = match bit {
+                Armed::CLIENT_WRITE => Event::ClientWritable,
+                Armed::SERVER_WRITE => Event::ServerWritable,
+                Armed::CLIENT_READ => Event::ClientReadable,
+                _ => Event::ServerReadable,
+            };
+            return ready(r, event);
         }
     }
-    if !up.pending.is_empty() {
-        if let Ready(r) = server.poll_write_ready(cx) {
-            return ready(r, Event::ServerWritable);
+    if armed.has(Armed::IDLE) {
+        if src.idle.is_elapsed() {
+            return Ready(Event::Idle);
         }
-    }
-    if up.can_read() {
-        if let Ready(r) = client.poll_read_ready(cx) {
-            return ready(r, Event::ClientReadable);
+    } else {
+        // with the task's budget spent, the poll yields without storing the waker
+        let stores = tokio::task::coop::has_budget_remaining();
+        if src.idle.poll(cx).is_ready() {
+            return Ready(Event::Idle);
         }
-    }
-    if down.can_read() {
-        if let Ready(r) = server.poll_read_ready(cx) {
-            return ready(r, Event::ServerReadable);
+        if stores {
+            armed.set(Armed::IDLE);
         }
-    }
-    if idle.poll(cx).is_ready() {
-        return Ready(Event::Idle);
     }
     Pending
+}
+
+/// Whether `socket` is ready for `interest`: a plain load of its readiness
+/// when its slot holds the task's waker, a poll that stores it otherwise.
+fn socket_ready(
+    cx: &mut std::task::Context<'_>,
+    socket: &TcpStream,
+    interest: Interest,
+    armed: &mut Armed,
+    bit: u8,
+) -> Option<io::Result<()>> {
+    if armed.has(bit) {
+        // readiness set since the waker was stored took the waker with it
+        if socket.try_io(interest, || Ok(())).is_ok() {
+            armed.clear(bit);
+            return Some(Ok(()));
+        }
+        return None;
+    }
+    // with the task's budget spent, the poll yields without storing the waker
+    let stores = tokio::task::coop::has_budget_remaining();
+    let polled = if interest == Interest::WRITABLE {
+        socket.poll_write_ready(cx)
+    } else {
+        socket.poll_read_ready(cx)
+    };
+    match polled {
+        std::task::Poll::Ready(r) => Some(r),
+        std::task::Poll::Pending => {
+            if stores {
+                armed.set(bit);
+            }
+            None
+        }
+    }
 }
 
 /// Flushes what is in flight, sends close 1001 to both peers where the
@@ -409,20 +574,24 @@ mod tests {
         idle_timeout: Duration,
         websocket: bool,
     ) -> tokio::task::JoinHandle<Summary> {
+        start_closable(c, early, s, idle_timeout, websocket, Close::new())
+    }
+
+    fn start_closable(
+        c: TcpStream,
+        early: &'static [u8],
+        s: TcpStream,
+        idle_timeout: Duration,
+        websocket: bool,
+        close: Close,
+    ) -> tokio::task::JoinHandle<Summary> {
         let opts = Options {
             idle_timeout,
             websocket,
             count_into: None,
         };
         let early = bytes::Bytes::from_static(early);
-        tokio::spawn(run(
-            c,
-            early,
-            s,
-            bytes::Bytes::new(),
-            opts,
-            CancellationToken::new(),
-        ))
+        tokio::spawn(run(c, early, s, bytes::Bytes::new(), opts, close))
     }
 
     async fn pair() -> (TcpStream, TcpStream) {
@@ -508,6 +677,83 @@ mod tests {
         let s = t.await.unwrap();
         assert_eq!(s.end, End::Closed);
         assert_eq!(s.bytes_up, 5 + big.len() as u64);
+    }
+
+    /// Masked text frame `hi` (client to server).
+    const UP: [u8; 8] = [0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2];
+    /// Text frame `ok` (server to client).
+    const DOWN: [u8; 4] = [0x81, 0x02, b'o', b'k'];
+
+    /// A tunnel that has relayed both ways (so it waits on its sockets,
+    /// timer and close signal without polling them) still sees each of
+    /// them: more traffic, then the close signal, which sends 1001 both ways.
+    #[tokio::test]
+    async fn a_busy_tunnel_relays_on_and_closes_at_the_signal() {
+        let (mut client, proxy_c) = pair().await;
+        let (proxy_s, mut server) = pair().await;
+        let close = Close::new();
+        let t = start_closable(
+            proxy_c,
+            b"",
+            proxy_s,
+            Duration::from_secs(30),
+            true,
+            close.clone(),
+        );
+        for _ in 0..3 {
+            client.write_all(&UP).await.unwrap();
+            let mut got = [0u8; 8];
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, UP);
+            server.write_all(&DOWN).await.unwrap();
+            let mut back = [0u8; 4];
+            client.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, DOWN);
+        }
+        close.close();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("1001 within 5 s of the close signal")
+            .unwrap();
+        assert_eq!(&buf[..n], &close_frame(1001, "going away", false)[..]);
+        let n = server.read(&mut buf).await.unwrap();
+        assert_eq!((buf[0], n), (0x88, 6 + 12));
+        drop((client, server));
+        let sum = t.await.unwrap();
+        assert_eq!(sum.end, End::Shutdown);
+        assert_eq!((sum.messages_up, sum.messages_down), (3, 3));
+    }
+
+    /// Traffic keeps a tunnel open past its idle timeout (the timer is
+    /// moved when it fires early, and not polled on each wake-up); it still
+    /// ends the tunnel once the traffic stops.
+    #[tokio::test]
+    async fn a_tunnel_goes_idle_after_traffic() {
+        let (mut client, proxy_c) = pair().await;
+        let (proxy_s, mut server) = pair().await;
+        let t = start(proxy_c, b"", proxy_s, Duration::from_millis(300), true);
+        // 400 ms of traffic, longer than the idle timeout
+        let mut last = std::time::Instant::now();
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            client.write_all(&UP).await.unwrap();
+            last = std::time::Instant::now();
+            let mut got = [0u8; 8];
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, UP, "still open while the traffic goes on");
+        }
+        let mut buf = [0u8; 64];
+        let n = client.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], &close_frame(1001, "going away", false)[..]);
+        let quiet = last.elapsed();
+        // less a tick of the coarse clock the activity is stamped with
+        assert!(
+            quiet >= Duration::from_millis(280),
+            "closed after {quiet:?} of quiet"
+        );
+        drop((client, server));
+        assert_eq!(t.await.unwrap().end, End::Idle);
     }
 
     #[tokio::test]

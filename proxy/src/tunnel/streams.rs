@@ -5,12 +5,11 @@
 //! hold buffers of their own, so each direction reads into a small buffer.
 
 use super::frames::{close_frame, FrameTracker};
-use super::{End, Options, Summary, LINGER};
+use super::{Close, End, Options, Summary, LINGER};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 const BUF: usize = 8 * 1024;
 
@@ -21,12 +20,7 @@ struct Side {
 }
 
 /// Relays until both sides closed, an error, the idle timeout or `shutdown`.
-pub async fn run_streams<C, S>(
-    client: C,
-    server: S,
-    opts: Options,
-    shutdown: CancellationToken,
-) -> Summary
+pub async fn run_streams<C, S>(client: C, server: S, opts: Options, shutdown: Close) -> Summary
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
@@ -67,7 +61,7 @@ where
         tokio::select! {
             e = both => e,
             _ = idle => End::Idle,
-            _ = shutdown.cancelled() => End::Shutdown,
+            _ = shutdown.token().cancelled() => End::Shutdown,
         }
     };
     if matches!(end, End::Idle | End::Shutdown) {
@@ -157,7 +151,7 @@ mod tests {
                 websocket: true,
                 count_into: None,
             },
-            CancellationToken::new(),
+            Close::new(),
         ));
         // one masked text frame "hi" up, one unmasked frame back
         let up = [0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2];
