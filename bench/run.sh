@@ -271,8 +271,11 @@ for round in $(seq 1 "$IDLE_ROUNDS"); do
 done
 echo "]" >>$out
 # every run is kept, named by the commit it measured ("+" when the code
-# differed from it): the table of runs in docs/ pools runs of the same code
-code=$(git rev-parse --short=7 HEAD 2>/dev/null || echo unknown)
+# differed from it): the table of runs in docs/ pools runs of the same code.
+# The last commit that changed more than results and docs: committing a
+# run's results does not make the next run of that code look like new code.
+code=$(git log -1 --format=%h --abbrev=7 -- . ':!bench/results' ':!docs' 2>/dev/null)
+code=${code:-unknown}
 git diff --quiet HEAD -- . ':!bench/results' ':!docs' 2>/dev/null || code="$code+"
 mkdir -p bench/results/runs
 n=$(find bench/results/runs -name '*.json' | wc -l)
