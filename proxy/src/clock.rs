@@ -59,6 +59,23 @@ pub fn coarse_ms() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
+/// For a timer that has fired, set for a deadline in coarse ms that may
+/// have moved later since it was armed (a lazily moved timer): whether the
+/// deadline has passed; if not, `sleep` is re-armed for what is left.
+pub fn passed_or_rearm(sleep: std::pin::Pin<&mut tokio::time::Sleep>, deadline: u64) -> bool {
+    let now = coarse_ms();
+    if now >= deadline {
+        return true;
+    }
+    sleep.reset(instant_at(now, deadline));
+    false
+}
+
+/// The timer instant of `deadline` (coarse ms), `now` being the coarse time.
+pub fn instant_at(now: u64, deadline: u64) -> tokio::time::Instant {
+    tokio::time::Instant::now() + std::time::Duration::from_millis(deadline.saturating_sub(now))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,7 @@
 //! as do TLS backends; see `forward::proxy`.
 
 use super::headers::{header_map, offsets, write_field, FieldSpan};
-use crate::clock::coarse_ms;
+use crate::clock::{coarse_ms, instant_at, passed_or_rearm};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap};
 use http::uri::Authority;
@@ -112,19 +112,18 @@ impl HeadTimer {
                 // a timer set for later (the timeout was lowered) is moved
                 Some(sleep) if self.at <= deadline => {
                     ready!(sleep.as_mut().poll(cx));
-                    let now = coarse_ms();
-                    if now >= deadline {
+                    if passed_or_rearm(sleep.as_mut(), deadline) {
                         return Poll::Ready(());
                     }
-                    self.arm(now, deadline);
+                    self.at = deadline;
                 }
-                _ => self.arm(coarse_ms(), deadline),
+                _ => self.arm(deadline),
             }
         }
     }
 
-    fn arm(&mut self, now: u64, deadline: u64) {
-        let at = tokio::time::Instant::now() + Duration::from_millis(deadline.saturating_sub(now));
+    fn arm(&mut self, deadline: u64) {
+        let at = instant_at(coarse_ms(), deadline);
         match &mut self.sleep {
             Some(sleep) => sleep.as_mut().reset(at),
             None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),

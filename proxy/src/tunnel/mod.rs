@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 const SCRATCH: usize = 16 * 1024;
@@ -307,12 +306,9 @@ pub async fn run(
             Event::Failed => Step::Failed,
             Event::Idle => {
                 armed.clear(Armed::IDLE);
-                let quiet = crate::clock::coarse_ms().saturating_sub(last);
-                if quiet >= idle_ms {
+                if crate::clock::passed_or_rearm(idle.as_mut(), last + idle_ms) {
                     break End::Idle;
                 }
-                let left = Duration::from_millis(idle_ms - quiet);
-                idle.as_mut().reset(Instant::now() + left);
                 Step::Idle
             }
         };
@@ -565,6 +561,7 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use tokio::net::TcpListener;
+    use tokio::time::Instant;
 
     /// A tunnel between `c` (which sent `early` before it) and `s`.
     fn start(
