@@ -32,6 +32,12 @@ def load(path):
     def add(metric, proxy, value):
         figures.setdefault((metric, proxy), {})[rnd] = value
 
+    def add_cores(test, proxy, r):
+        # the busy share of each core over the slice (runs from 12 on)
+        for core in ("0", "1"):
+            if f"core{core}Busy" in r:
+                add(f"{test}_core{core}_busy", proxy, 100.0 * float(r[f"core{core}Busy"]))
+
     for r in rows:
         p, t, rnd = r["proxy"], r["test"], r["round"]
         if t == "http1":
@@ -40,6 +46,7 @@ def load(path):
             secs = float(r.get("seconds", 8.0))
             if float(r.get("cpuSeconds", 0)) > 0:
                 add("http1_per_core_s", p, float(r["rps"]) * secs / float(r["cpuSeconds"]))
+            add_cores("http1", p, r)
         elif t == "http2":
             add("http2_rps", p, float(r["rps"]))
         elif t == "https":
@@ -54,6 +61,7 @@ def load(path):
             add("ws_errors", p, float(rep["errors"] + rep["connectErrors"]))
             if float(r.get("cpuSeconds", 0)) > 0:
                 add("ws_per_core_s", p, float(rep["received"]) / float(r["cpuSeconds"]))
+            add_cores("ws", p, r)
         elif t == "idle":
             n = r["connections"]
             per = (r["heldKiB"] - r["baseKiB"]) / max(r["connected"], 1)
@@ -73,6 +81,10 @@ LABELS = [
     ("ws_msgs", "WebSocket echo messages/s (200 conns, 64 B)", True),
     ("ws_p99_ms", "WebSocket p99 round trip, ms", False),
     ("ws_per_core_s", "WebSocket messages per proxy core-second", True),
+    ("http1_core0_busy", "HTTP/1.1: busy % of core 0 (the proxy's)", None),
+    ("http1_core1_busy", "HTTP/1.1: busy % of core 1 (wrk and the backends)", None),
+    ("ws_core0_busy", "WebSocket: busy % of core 0 (the proxy's)", None),
+    ("ws_core1_busy", "WebSocket: busy % of core 1 (load generator and backends)", None),
     ("idle_kib_1000", "KiB per idle WebSocket, 1,000 open", False),
     ("idle_kib_5000", "KiB per idle WebSocket, 5,000 open", False),
     ("idle_kib_9000", "KiB per idle WebSocket, 9,000 open", False),
@@ -112,6 +124,10 @@ def table(figures):
             continue
         med = {p: statistics.median(v) for p, v in vals.items()}
         cell = lambda p: f"{fmt(med[p])} ({fmt(min(vals[p]))}–{fmt(max(vals[p]))})"
+        if higher is None:
+            # context, not a figure to beat: which core bounded the test
+            lines.append(f"| {label} | {cell('kp5')} | {cell('nginx')} | {cell('haproxy')} | | |")
+            continue
         r = lambda o: ratio(figures, key, o)
         lines.append(
             f"| {label} | {cell('kp5')} | {cell('nginx')} | {cell('haproxy')} | {r('nginx'):.2f} | {r('haproxy'):.2f} |"

@@ -178,6 +178,18 @@ cpu_ticks() {
   echo $total
 }
 
+# ticks to seconds, as a JSON number (bc would print ".86")
+cpu_seconds() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b - a) / 100}'; }
+# busy and total ticks of core 0 (the proxy's) and core 1 (the clients' and
+# backends'), from /proc/stat: "busy0 total0 busy1 total1"
+core_ticks() {
+  awk '/^cpu[01] / {busy = $2 + $3 + $4 + $7 + $8; printf "%d %d ", busy, busy + $5 + $6}' /proc/stat
+}
+# the busy share of each core between two core_ticks readings, as JSON fields
+core_busy() { # before after
+  echo "$1 $2" | awk '{printf "\"core0Busy\":%.4f,\"core1Busy\":%.4f", ($5-$1)/($6-$2), ($7-$3)/($8-$4)}'
+}
+
 out=bench/results/latest.json
 echo "[" >$out
 first=1
@@ -190,17 +202,17 @@ stop() { # the proxies are started in a subshell, so poll for the exit
 
 # One slice of one test against one proxy (already running, its pid in $2).
 slice() { # test name pid round
-  local test=$1 name=$2 pid=$3 round=$4 p t0 t1 w h l rps p99
+  local test=$1 name=$2 pid=$3 round=$4 p t0 t1 c0 c1 w h l rps p99
   p=$(port "$name")
   case $test in
     http1) # HTTP/1.1 keep-alive; the first round warms each proxy's backend connections for 1 s
       [ "$round" = 1 ] && { taskset -c 1 wrk -t1 -c50 -d1s "http://127.0.0.1:$p/" >/dev/null 2>&1 || true; }
-      t0=$(cpu_ticks "$pid")
+      t0=$(cpu_ticks "$pid"); c0=$(core_ticks)
       w=$(taskset -c 1 wrk -t1 -c50 -d"${DUR}s" --latency "http://127.0.0.1:$p/")
-      t1=$(cpu_ticks "$pid")
+      t1=$(cpu_ticks "$pid"); c1=$(core_ticks)
       rps=$(echo "$w" | awk '/Requests\/sec/ {print $2}')
       p99=$(echo "$w" | awk '$1=="99%" {print $2}')
-      emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"http1\",\"rps\":$rps,\"p99\":\"$p99\",\"seconds\":$DUR,\"cpuSeconds\":$(echo "($t1-$t0)/100" | bc -l)}" ;;
+      emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"http1\",\"rps\":$rps,\"p99\":\"$p99\",\"seconds\":$DUR,\"cpuSeconds\":$(cpu_seconds "$t0" "$t1"),$(core_busy "$c0" "$c1")}" ;;
     http2)
       h=$(taskset -c 1 h2load -n "$H2_REQUESTS" -c 10 -m 10 "http://127.0.0.1:$(h2port "$name")/" 2>&1 || true)
       rps=$(echo "$h" | awk '/finished in/ {gsub(",","",$4); print $4}')
@@ -215,10 +227,10 @@ slice() { # test name pid round
       rps=$(echo "$w" | awk '/Requests\/sec/ {print $2}')
       emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"handshakes\",\"rps\":${rps:-0}}" ;;
     ws) # WebSocket echo relay, 200 connections, 64-byte messages
-      t0=$(cpu_ticks "$pid")
+      t0=$(cpu_ticks "$pid"); c0=$(core_ticks)
       l=$(taskset -c 1 $BIN/kp5-loadgen --url "ws://127.0.0.1:$p/matches/{match}/ws" --connections 200 --matches 20 --mode closed --duration "$DUR" --size 64 | tail -1)
-      t1=$(cpu_ticks "$pid")
-      emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"ws\",\"report\":$l,\"cpuSeconds\":$(echo "($t1-$t0)/100" | bc -l)}" ;;
+      t1=$(cpu_ticks "$pid"); c1=$(core_ticks)
+      emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"ws\",\"report\":$l,\"cpuSeconds\":$(cpu_seconds "$t0" "$t1"),$(core_busy "$c0" "$c1")}" ;;
   esac
 }
 
