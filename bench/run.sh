@@ -75,14 +75,27 @@ token = "bench"
 [log]
 level = "warn"
 access_log = false
+# match traffic on a match-aware pool, as in SPEC 3's example config: every
+# client of a match goes to one server, and least_matches spreads the
+# matches evenly (least_connections, counting connections that are still
+# arriving, placed the 20 matches of the WebSocket test 11/9 at times);
+# plain HTTP on least_connections, like nginx's least_conn and HAProxy's
+# leastconn
+[[routes]]
+path_prefix = "/matches/"
+pool = "matches"
 [[routes]]
 path_prefix = "/"
 pool = "p"
-[pools.p]
-strategy = "least_connections"
+[pools.matches]
+strategy = "least_matches"
 max_connections_per_server = 20000
 max_matches_per_server = 20000
 match_id = [{ from = "path", pattern = "/matches/{id}" }]
+backends = [{ id = "m1", address = "127.0.0.1:3101" }, { id = "m2", address = "127.0.0.1:3102" }]
+[pools.p]
+strategy = "least_connections"
+max_connections_per_server = 20000
 backends = [{ id = "b1", address = "127.0.0.1:3101" }, { id = "b2", address = "127.0.0.1:3102" }]
 EOF
 
