@@ -330,18 +330,20 @@ async fn match_reports_and_recommendations() {
         direct.push(ws(&format!("ws://{}/ws", c.servers[0].addr)).await.0);
     }
     let p = &c.proxies[1];
+    // s1 turns hot at 90 of its 100 connections, while its agent may
+    // still be reporting the rest of the 95: wait for all of them
     wait_until(
         Duration::from_secs(3),
-        "recommendations name s1",
+        "recommendations name s1 with all 95 connections",
         || async {
             let r = call(&hc, "GET", &api(p, "/loadbalancer/recommendations"), None)
                 .await
                 .json();
-            r["recommendations"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|x| x["type"] == "hot_server" && x["server"] == "s1")
+            r["recommendations"].as_array().unwrap().iter().any(|x| {
+                x["type"] == "hot_server"
+                    && x["server"] == "s1"
+                    && x["figures"]["connections"].as_u64().unwrap_or(0) >= 95
+            })
         },
     )
     .await;
