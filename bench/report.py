@@ -37,6 +37,10 @@ def load(path):
         for core in ("0", "1"):
             if f"core{core}Busy" in r:
                 add(f"{test}_core{core}_busy", proxy, 100.0 * float(r[f"core{core}Busy"]))
+        # the share of the slice the host stole from the two cores (runs
+        # from 17 on): a slice that lost much is slow for no proxy's fault
+        if "core0Steal" in r:
+            add(f"{test}_steal", proxy, 50.0 * (float(r["core0Steal"]) + float(r["core1Steal"])))
 
     for r in rows:
         p, t, rnd = r["proxy"], r["test"], r["round"]
@@ -49,6 +53,7 @@ def load(path):
             add_cores("http1", p, r)
         elif t == "http2":
             add("http2_rps", p, float(r["rps"]))
+            add_cores("http2", p, r)
         elif t == "https":
             add("https_rps", p, float(r["rps"]))
             add("https_p99_ms", p, ms(r["p99"]))
@@ -85,6 +90,11 @@ LABELS = [
     ("http1_core1_busy", "HTTP/1.1: busy % of core 1 (wrk and the backends)", None),
     ("ws_core0_busy", "WebSocket: busy % of core 0 (the proxy's)", None),
     ("ws_core1_busy", "WebSocket: busy % of core 1 (load generator and backends)", None),
+    ("http2_core0_busy", "HTTP/2: busy % of core 0 (the proxy's)", None),
+    ("http2_core1_busy", "HTTP/2: busy % of core 1 (h2load and the backends)", None),
+    ("http1_steal", "HTTP/1.1: % of the two cores' time stolen by the host", None),
+    ("http2_steal", "HTTP/2: % of the two cores' time stolen by the host", None),
+    ("ws_steal", "WebSocket: % of the two cores' time stolen by the host", None),
     ("idle_kib_1000", "KiB per idle WebSocket, 1,000 open", False),
     ("idle_kib_5000", "KiB per idle WebSocket, 5,000 open", False),
     ("idle_kib_9000", "KiB per idle WebSocket, 9,000 open", False),

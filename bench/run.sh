@@ -193,14 +193,19 @@ cpu_ticks() {
 
 # ticks to seconds, as a JSON number (bc would print ".86")
 cpu_seconds() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b - a) / 100}'; }
-# busy and total ticks of core 0 (the proxy's) and core 1 (the clients' and
-# backends'), from /proc/stat: "busy0 total0 busy1 total1"
+# busy, total and stolen ticks of core 0 (the proxy's) and core 1 (the
+# clients' and backends'), from /proc/stat: "busy0 total0 steal0 busy1 total1
+# steal1"; total leaves out steal, the time the host ran something else
 core_ticks() {
-  awk '/^cpu[01] / {busy = $2 + $3 + $4 + $7 + $8; printf "%d %d ", busy, busy + $5 + $6}' /proc/stat
+  awk '/^cpu[01] / {busy = $2 + $3 + $4 + $7 + $8; printf "%d %d %d ", busy, busy + $5 + $6, $9}' /proc/stat
 }
-# the busy share of each core between two core_ticks readings, as JSON fields
+# the busy share of each core between two core_ticks readings, and the share
+# of the slice the host stole from each, as JSON fields
 core_busy() { # before after
-  echo "$1 $2" | awk '{printf "\"core0Busy\":%.4f,\"core1Busy\":%.4f", ($5-$1)/($6-$2), ($7-$3)/($8-$4)}'
+  echo "$1 $2" | awk '{
+    t0 = $8 - $2; t1 = $11 - $5; s0 = $9 - $3; s1 = $12 - $6
+    printf "\"core0Busy\":%.4f,\"core1Busy\":%.4f,\"core0Steal\":%.4f,\"core1Steal\":%.4f",
+      ($7 - $1) / t0, ($10 - $4) / t1, s0 / (t0 + s0), s1 / (t1 + s1) }'
 }
 
 out=bench/results/latest.json
@@ -227,9 +232,11 @@ slice() { # test name pid round
       p99=$(echo "$w" | awk '$1=="99%" {print $2}')
       emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"http1\",\"rps\":$rps,\"p99\":\"$p99\",\"seconds\":$DUR,\"cpuSeconds\":$(cpu_seconds "$t0" "$t1"),$(core_busy "$c0" "$c1")}" ;;
     http2)
+      c0=$(core_ticks)
       h=$(taskset -c 1 h2load -n "$H2_REQUESTS" -c 10 -m 10 "http://127.0.0.1:$(h2port "$name")/" 2>&1 || true)
+      c1=$(core_ticks)
       rps=$(echo "$h" | awk '/finished in/ {gsub(",","",$4); print $4}')
-      emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"http2\",\"rps\":${rps:-0}}" ;;
+      emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"http2\",\"rps\":${rps:-0},$(core_busy "$c0" "$c1")}" ;;
     https) # HTTPS keep-alive
       w=$(taskset -c 1 wrk -t1 -c50 -d"${DUR}s" --latency "https://127.0.0.1:$(tlsport "$name")/")
       rps=$(echo "$w" | awk '/Requests\/sec/ {print $2}')
