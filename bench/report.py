@@ -289,6 +289,51 @@ def runs_table(paths):
     return "\n".join(lines)
 
 
+# The figures whose every slice the slices table shows: (metric, label).
+SLICE_FIGURES = [
+    ("http1_rps", "HTTP/1.1 requests/s"),
+    ("http1_p99_ms", "HTTP/1.1 p99, ms"),
+    ("http1_steal", "HTTP/1.1: % of the cores' time stolen"),
+    ("http2_rps", "HTTP/2 requests/s"),
+    ("ws_msgs", "WebSocket messages/s"),
+    ("ws_p99_ms", "WebSocket p99, ms"),
+    ("ws_core1_busy", "WebSocket: busy % of core 1"),
+    ("ws_steal", "WebSocket: % of the cores' time stolen"),
+]
+
+
+def slices_table(paths):
+    """Every slice of every run that measured the cores (run 12 on), per
+    proxy: how far one slice lies from the next, whichever proxy ran it."""
+    pooled, runs = {}, []
+    for path in paths:
+        figures = load(path)
+        if ("http1_core1_busy", "kp5") not in figures:
+            continue
+        runs.append(path.stem.split("-")[0])
+        for key, _ in SLICE_FIGURES:
+            for p in PROXIES:
+                pooled.setdefault((key, p), []).extend(figures.get((key, p), {}).values())
+    if not runs:
+        return ""
+    q = lambda xs, f: sorted(xs)[min(len(xs) - 1, int(f * len(xs)))]
+    lines = [
+        f"Every slice of runs {runs[0]}–{runs[-1]}, per proxy (10th, 25th, 50th, 75th, 90th percentile, min–max):",
+        "",
+        "| figure | proxy | slices | p10 | p25 | median | p75 | p90 | min–max |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    names = {"kp5": "kp5-proxy", "nginx": "nginx", "haproxy": "HAProxy"}
+    for key, label in SLICE_FIGURES:
+        for p in PROXIES:
+            xs = pooled.get((key, p), [])
+            if not xs:
+                continue
+            cells = " | ".join(fmt(q(xs, f)) for f in (0.1, 0.25, 0.5, 0.75, 0.9))
+            lines.append(f"| {label} | {names[p]} | {len(xs)} | {cells} | {fmt(min(xs))}–{fmt(max(xs))} |")
+    return "\n".join(lines)
+
+
 def replace_between(text, start, end, body):
     if start in text:
         pre, rest = text.split(start, 1)
@@ -323,6 +368,9 @@ def main():
         start, end = "<!-- runs:start -->", "<!-- runs:end -->"
         body = f"{start}\n{runs_table(runs)}\n{end}"
         text = replace_between(text, start, end, body)
+        start, end = "<!-- slices:start -->", "<!-- slices:end -->"
+        if start in text:
+            text = replace_between(text, start, end, f"{start}\n{slices_table(runs)}\n{end}")
     doc.write_text(text)
     print(tab)
 
