@@ -253,15 +253,14 @@ def cell(ratios, higher):
     return f"{statistics.median(ratios):.2f}x ({ahead}/{len(ratios)})"
 
 
-def runs_table(paths):
+def runs_table(runs):
     """One row per archived run (bench/results/runs/NN-DATE-COMMIT.json),
     then the rounds of all runs of the same code pooled: the median
     per-round ratio, a 95 % interval for it, rounds ahead or level."""
     head = "| run | code | " + " | ".join(c[0] for c in RUN_COLUMNS) + " | KiB per idle WebSocket at 9,000 |"
     lines = [head, "|" + "---|" * (len(RUN_COLUMNS) + 3)]
     by_code = {}
-    for path in paths:
-        figures = load(path)
+    for path, figures in runs:
         run, code = path.stem.split("-")[0], path.stem.split("-")[-1]
         cells = []
         for _, key, other, higher in RUN_COLUMNS:
@@ -302,23 +301,22 @@ SLICE_FIGURES = [
 ]
 
 
-def slices_table(paths):
+def slices_table(runs):
     """Every slice of every run that measured the cores (run 12 on), per
     proxy: how far one slice lies from the next, whichever proxy ran it."""
-    pooled, runs = {}, []
-    for path in paths:
-        figures = load(path)
+    pooled, numbers = {}, []
+    for path, figures in runs:
         if ("http1_core1_busy", "kp5") not in figures:
             continue
-        runs.append(path.stem.split("-")[0])
+        numbers.append(path.stem.split("-")[0])
         for key, _ in SLICE_FIGURES:
             for p in PROXIES:
                 pooled.setdefault((key, p), []).extend(figures.get((key, p), {}).values())
-    if not runs:
+    if not numbers:
         return ""
     q = lambda xs, f: sorted(xs)[min(len(xs) - 1, int(f * len(xs)))]
     lines = [
-        f"Every slice of runs {runs[0]}–{runs[-1]}, per proxy (10th, 25th, 50th, 75th, 90th percentile, min–max):",
+        f"Every slice of runs {numbers[0]}–{numbers[-1]}, per proxy (10th, 25th, 50th, 75th, 90th percentile, min–max):",
         "",
         "| figure | proxy | slices | p10 | p25 | median | p75 | p90 | min–max |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -363,7 +361,8 @@ def main():
     start, end = "<!-- targets:start -->", "<!-- targets:end -->"
     body = f"{start}\n{targets(figures, rounds)}\n{end}"
     text = replace_between(text, start, end, body)
-    runs = sorted((ROOT / "bench/results/runs").glob("*.json"))
+    # each archived run read once, for both tables
+    runs = [(p, load(p)) for p in sorted((ROOT / "bench/results/runs").glob("*.json"))]
     if runs:
         start, end = "<!-- runs:start -->", "<!-- runs:end -->"
         body = f"{start}\n{runs_table(runs)}\n{end}"
