@@ -55,20 +55,31 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
+    /// Starts on a free port. `redis-server` cannot bind port 0 and report
+    /// it, so the port is picked first; if another process takes it in
+    /// between, another port is tried.
     pub fn start() -> RedisServer {
         let mut r = RedisServer {
-            port: free_port(),
+            port: 0,
             child: None,
         };
-        r.spawn();
-        r
+        for _ in 0..5 {
+            r.port = free_port();
+            if r.spawn() {
+                return r;
+            }
+        }
+        panic!("redis-server did not start on any of 5 free ports");
     }
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
-    fn spawn(&mut self) {
+    /// Starts `redis-server` on `self.port` and waits until it answers.
+    /// False when the port was taken: our server exited, or the one that
+    /// answers is another process (its `process_id` is not our child's).
+    fn spawn(&mut self) -> bool {
         let which = Command::new("redis-server").arg("--version").output();
         assert!(
             which.is_ok(),
@@ -82,9 +93,25 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn redis-server");
+        let pid = format!("process_id:{}\r\n", child.id());
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.ping() {
+        loop {
+            if let Some(info) = self.command(&["INFO", "server"]) {
+                if info.contains(&pid) {
+                    return true;
+                }
+                if info.contains("process_id:") {
+                    self.kill();
+                    return false;
+                }
+            }
+            if let Some(c) = self.child.as_mut() {
+                if c.try_wait().ok().flatten().is_some() {
+                    self.child = None;
+                    return false;
+                }
+            }
             assert!(Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -121,7 +148,11 @@ impl RedisServer {
     /// Starts again on the same port, empty.
     pub fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        assert!(
+            self.spawn(),
+            "port {} was taken while redis-server was down",
+            self.port
+        );
     }
 }
 
@@ -386,4 +417,30 @@ pub async fn figure(hc: &HttpClient, p: &ProxyHandle, field: &str) -> BTreeMap<S
             )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RedisServer;
+
+    /// A port another process holds is refused, whether that process
+    /// answers like Redis or not, and leaves the holder alone.
+    #[test]
+    fn redis_refuses_a_taken_port() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut r = RedisServer {
+            port: taken.local_addr().unwrap().port(),
+            child: None,
+        };
+        assert!(!r.spawn(), "started on a port a listener holds");
+
+        let a = RedisServer::start();
+        let mut b = RedisServer {
+            port: a.port,
+            child: None,
+        };
+        assert!(!b.spawn(), "took another redis-server's answer for its own");
+        assert!(b.child.is_none());
+        assert!(a.ping());
+    }
 }
