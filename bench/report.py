@@ -25,6 +25,14 @@ def ms(v):
     return float(v)
 
 
+# The share of a core the capped slices held each proxy to (their labels).
+CAP = {"cap": 40}
+
+
+def lab(text):
+    return text.format(**CAP)
+
+
 def load(path):
     rows = json.loads(Path(path).read_text())
     figures = {}  # (metric, proxy) -> {round: value}
@@ -44,6 +52,8 @@ def load(path):
 
     for r in rows:
         p, t, rnd = r["proxy"], r["test"], r["round"]
+        if "capPercent" in r:
+            CAP["cap"] = r["capPercent"]
         if t == "http1":
             add("http1_rps", p, float(r["rps"]))
             add("http1_p99_ms", p, ms(r["p99"]))
@@ -67,6 +77,17 @@ def load(path):
             if float(r.get("cpuSeconds", 0)) > 0:
                 add("ws_per_core_s", p, float(rep["received"]) / float(r["cpuSeconds"]))
             add_cores("ws", p, r)
+        elif t == "http1cap":
+            add("http1cap_rps", p, float(r["rps"]))
+            add("http1cap_p99_ms", p, ms(r["p99"]))
+            if float(r.get("cpuSeconds", 0)) > 0:
+                add("http1cap_per_core_s", p, float(r["rps"]) * float(r["seconds"]) / float(r["cpuSeconds"]))
+        elif t == "wscap":
+            rep = r["report"]
+            add("wscap_msgs", p, float(rep["messagesPerSecond"]))
+            add("wscap_p99_ms", p, float(rep["rttMs"]["p99"]))
+            if float(r.get("cpuSeconds", 0)) > 0:
+                add("wscap_per_core_s", p, float(rep["received"]) / float(r["cpuSeconds"]))
         elif t == "idle":
             n = r["connections"]
             per = (r["heldKiB"] - r["baseKiB"]) / max(r["connected"], 1)
@@ -86,6 +107,12 @@ LABELS = [
     ("ws_msgs", "WebSocket echo messages/s (200 conns, 64 B)", True),
     ("ws_p99_ms", "WebSocket p99 round trip, ms", False),
     ("ws_per_core_s", "WebSocket messages per proxy core-second", True),
+    ("http1cap_rps", "HTTP/1.1 requests/s, proxy held to {cap} % of a core", True),
+    ("http1cap_p99_ms", "HTTP/1.1 p99 latency, ms, proxy held to {cap} % of a core", False),
+    ("http1cap_per_core_s", "HTTP/1.1 requests per proxy core-second, proxy held to {cap} %", True),
+    ("wscap_msgs", "WebSocket echo messages/s, proxy held to {cap} % of a core", True),
+    ("wscap_p99_ms", "WebSocket p99 round trip, ms, proxy held to {cap} % of a core", False),
+    ("wscap_per_core_s", "WebSocket messages per proxy core-second, proxy held to {cap} %", True),
     ("http1_core0_busy", "HTTP/1.1: busy % of core 0 (the proxy's)", None),
     ("http1_core1_busy", "HTTP/1.1: busy % of core 1 (wrk and the backends)", None),
     ("ws_core0_busy", "WebSocket: busy % of core 0 (the proxy's)", None),
@@ -129,6 +156,7 @@ def table(figures):
     ]
     ratios = []
     for key, label, higher in LABELS:
+        label = lab(label)
         vals = {p: list(figures.get((key, p), {}).values()) for p in PROXIES}
         if not all(vals.values()):
             continue
@@ -154,6 +182,10 @@ TARGETS = [
     ("HTTP/2 requests/s at least nginx's and HAProxy's", "http2_rps", ["nginx", "haproxy"], True),
     ("WebSocket messages/s at least nginx's", "ws_msgs", ["nginx"], True),
     ("WebSocket p99 round trip no worse than nginx's", "ws_p99_ms", ["nginx"], False),
+    ("HTTP/1.1 requests/s at least nginx's and HAProxy's, each proxy held to {cap} % of a core", "http1cap_rps", ["nginx", "haproxy"], True),
+    ("HTTP/1.1 p99 no worse than nginx's, each proxy held to {cap} % of a core", "http1cap_p99_ms", ["nginx"], False),
+    ("WebSocket messages/s at least nginx's, each proxy held to {cap} % of a core", "wscap_msgs", ["nginx"], True),
+    ("WebSocket p99 round trip no worse than nginx's, each proxy held to {cap} % of a core", "wscap_p99_ms", ["nginx"], False),
     ("KiB per idle WebSocket (9,000 open) at most nginx's (issue 6)", "idle_kib_9000", ["nginx"], False),
     ("KiB per idle WebSocket (9,000 open) at most HAProxy's (SPEC §5)", "idle_kib_9000", ["haproxy"], False),
 ]
@@ -163,6 +195,7 @@ def targets(figures, rounds):
     med = lambda key, p: statistics.median(figures[(key, p)].values())
     lines = ["| target | kp5-proxy | ratio | rounds kp5 ahead or level | result |", "|---|---|---|---|---|"]
     for label, key, against, higher in TARGETS:
+        label = lab(label)
         if not all((key, p) in figures for p in ["kp5", *against]):
             continue
         mine = med(key, "kp5")
@@ -229,6 +262,9 @@ RUN_COLUMNS = [
     ("WebSocket p99 vs nginx", "ws_p99_ms", "nginx", False),
     ("HTTP/1.1 req per proxy core-second vs nginx", "http1_per_core_s", "nginx", True),
     ("WebSocket msgs per proxy core-second vs nginx", "ws_per_core_s", "nginx", True),
+    ("HTTP/1.1 req/s vs nginx, proxy held to {cap} %", "http1cap_rps", "nginx", True),
+    ("WebSocket msgs/s vs nginx, proxy held to {cap} %", "wscap_msgs", "nginx", True),
+    ("WebSocket p99 vs nginx, proxy held to {cap} %", "wscap_p99_ms", "nginx", False),
 ]
 
 
@@ -257,7 +293,7 @@ def runs_table(runs):
     """One row per archived run (bench/results/runs/NN-DATE-COMMIT.json),
     then the rounds of all runs of the same code pooled: the median
     per-round ratio, a 95 % interval for it, rounds ahead or level."""
-    head = "| run | code | " + " | ".join(c[0] for c in RUN_COLUMNS) + " | KiB per idle WebSocket at 9,000 |"
+    head = "| run | code | " + " | ".join(lab(c[0]) for c in RUN_COLUMNS) + " | KiB per idle WebSocket at 9,000 |"
     lines = [head, "|" + "---|" * (len(RUN_COLUMNS) + 3)]
     by_code = {}
     for path, figures in runs:

@@ -6,6 +6,8 @@
 #   - HTTP/1.1 keep-alive requests/s and latency (wrk)
 #   - HTTP/2 requests/s (h2load, cleartext prior knowledge)
 #   - WebSocket echo relay: messages/s and round trip (kp5-loadgen, closed loop)
+#   - the HTTP/1.1 and WebSocket tests again with the proxy held to 40 % of
+#     a core (a CFS quota), so that the proxy is the bottleneck, not core 1
 #   - memory per idle proxied WebSocket at 1,000 / 5,000 / 9,000 connections
 #     (RSS of all the proxy's processes, minus its RSS before connecting)
 #   - HTTPS keep-alive requests/s and TLS handshakes/s (wrk, Connection: close;
@@ -44,6 +46,7 @@ cleanup() {
   for p in "${pids[@]:-}" "${PID[@]:-}"; do kill "$p" 2>/dev/null || true; done
   [ -f $W/nginx.pid ] && kill "$(cat $W/nginx.pid)" 2>/dev/null || true
   wait 2>/dev/null || true
+  [ -n "${CG:-}" ] && rmdir "$CG" 2>/dev/null || true
 }
 trap cleanup EXIT
 
@@ -208,6 +211,39 @@ core_busy() { # before after
       ($7 - $1) / t0, ($10 - $4) / t1, s0 / (t0 + s0), s1 / (t1 + s1) }'
 }
 
+# The proxy-bound slices ("http1cap", "wscap"): the same tests with the
+# proxy's processes held to BENCH_CAP_PERCENT of one core (default 40) by a
+# CFS quota, so that the proxy, not core 1, is what runs out. A proxy joins
+# the capped cgroup for its slice only and goes back to its own after.
+# Skipped where no cgroup cpu controller can be written (not root, no
+# cgroup v1 cpu hierarchy or v2 cpu controller).
+CAP=${BENCH_CAP_PERCENT:-40}
+CG="" CG_MOUNT=""
+if [ -w /sys/fs/cgroup/cpu/cgroup.procs ] && [ -f /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; then
+  CG_MOUNT=/sys/fs/cgroup/cpu CG=$CG_MOUNT/kp5-bench-cap
+  mkdir -p $CG && echo 10000 >$CG/cpu.cfs_period_us && echo $((CAP * 100)) >$CG/cpu.cfs_quota_us || CG=""
+elif grep -qw cpu /sys/fs/cgroup/cgroup.controllers 2>/dev/null && [ -w /sys/fs/cgroup/cgroup.procs ]; then
+  CG_MOUNT=/sys/fs/cgroup CG=$CG_MOUNT/kp5-bench-cap
+  mkdir -p $CG && echo "$((CAP * 100)) 10000" >$CG/cpu.max || CG=""
+fi
+[ -n "$CG" ] || echo "no writable cgroup cpu controller: the capped slices are skipped" >&2
+declare -A HOME_CG
+cap() { # pid: it and its children into the capped cgroup
+  local p
+  for p in $1 $(pgrep -P "$1" || true); do
+    HOME_CG[$p]=$(awk -F: '$2 ~ /(^|,)cpu(,|$)/ || ($1 == "0" && $2 == "") {print $3; exit}' /proc/$p/cgroup)
+    echo "$p" >$CG/cgroup.procs
+  done
+}
+uncap() { # pid: back where each process was
+  local p
+  for p in $1 $(pgrep -P "$1" || true); do
+    echo "$p" >"$CG_MOUNT${HOME_CG[$p]:-/}/cgroup.procs" 2>/dev/null || echo "$p" >$CG_MOUNT/cgroup.procs
+  done
+}
+# the capped cgroup's throttled time so far, in ms
+throttled_ms() { awk '/^throttled_time / {printf "%d", $2 / 1e6} /^throttled_usec / {printf "%d", $2 / 1e3}' $CG/cpu.stat; }
+
 out=bench/results/latest.json
 echo "[" >$out
 first=1
@@ -246,6 +282,25 @@ slice() { # test name pid round
       w=$(taskset -c 1 wrk -t1 -c50 -d"${DUR}s" -H "Connection: close" "https://127.0.0.1:$(tlsport "$name")/")
       rps=$(echo "$w" | awk '/Requests\/sec/ {print $2}')
       emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"handshakes\",\"rps\":${rps:-0}}" ;;
+    http1cap | wscap) # as http1 and ws, the proxy held to CAP % of a core
+      [ -n "$CG" ] || return 0
+      cap "$pid"
+      t0=$(cpu_ticks "$pid"); c0=$(core_ticks); h=$(throttled_ms)
+      if [ "$test" = http1cap ]; then
+        w=$(taskset -c 1 wrk -t1 -c50 -d"${DUR}s" --latency "http://127.0.0.1:$p/")
+      else
+        l=$(taskset -c 1 $BIN/kp5-loadgen --url "ws://127.0.0.1:$p/matches/{match}/ws" --connections 200 --matches 20 --mode closed --duration "$DUR" --size 64 | tail -1)
+      fi
+      t1=$(cpu_ticks "$pid"); c1=$(core_ticks); h=$(( $(throttled_ms) - h ))
+      uncap "$pid"
+      local common="\"seconds\":$DUR,\"capPercent\":$CAP,\"throttledMs\":$h,\"cpuSeconds\":$(cpu_seconds "$t0" "$t1"),$(core_busy "$c0" "$c1")"
+      if [ "$test" = http1cap ]; then
+        rps=$(echo "$w" | awk '/Requests\/sec/ {print $2}')
+        p99=$(echo "$w" | awk '$1=="99%" {print $2}')
+        emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"http1cap\",\"rps\":${rps:-0},\"p99\":\"${p99:-0}\",$common}"
+      else
+        emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"wscap\",\"report\":$l,$common}"
+      fi ;;
     ws) # WebSocket echo relay, 200 connections, 64-byte messages
       t0=$(cpu_ticks "$pid"); c0=$(core_ticks)
       l=$(taskset -c 1 $BIN/kp5-loadgen --url "ws://127.0.0.1:$p/matches/{match}/ws" --connections 200 --matches 20 --mode closed --duration "$DUR" --size 64 | tail -1)
@@ -265,7 +320,7 @@ for name in "${PROXIES[@]}"; do
   wait_port "$(port "$name")"
 done
 sleep 0.5
-for test in http1 http2 https handshakes ws; do
+for test in http1 http2 https handshakes ws http1cap wscap; do
   for round in $(seq 1 "$ROUNDS"); do
     for k in 0 1 2; do
       name=${PROXIES[$(( (round - 1 + k) % 3 ))]}
