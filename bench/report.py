@@ -54,13 +54,15 @@ def load(path):
         p, t, rnd = r["proxy"], r["test"], r["round"]
         if "capPercent" in r:
             CAP["cap"] = r["capPercent"]
-        if t == "http1":
-            add("http1_rps", p, float(r["rps"]))
-            add("http1_p99_ms", p, ms(r["p99"]))
+        # the capped slices ("http1cap", "wscap") carry the same fields as
+        # the plain ones, under their own test name
+        if t in ("http1", "http1cap"):
+            add(f"{t}_rps", p, float(r["rps"]))
+            add(f"{t}_p99_ms", p, ms(r["p99"]))
             secs = float(r.get("seconds", 8.0))
             if float(r.get("cpuSeconds", 0)) > 0:
-                add("http1_per_core_s", p, float(r["rps"]) * secs / float(r["cpuSeconds"]))
-            add_cores("http1", p, r)
+                add(f"{t}_per_core_s", p, float(r["rps"]) * secs / float(r["cpuSeconds"]))
+            add_cores(t, p, r)
         elif t == "http2":
             add("http2_rps", p, float(r["rps"]))
             add_cores("http2", p, r)
@@ -69,25 +71,14 @@ def load(path):
             add("https_p99_ms", p, ms(r["p99"]))
         elif t == "handshakes":
             add("tls_handshakes", p, float(r["rps"]))
-        elif t == "ws":
+        elif t in ("ws", "wscap"):
             rep = r["report"]
-            add("ws_msgs", p, float(rep["messagesPerSecond"]))
-            add("ws_p99_ms", p, float(rep["rttMs"]["p99"]))
-            add("ws_errors", p, float(rep["errors"] + rep["connectErrors"]))
+            add(f"{t}_msgs", p, float(rep["messagesPerSecond"]))
+            add(f"{t}_p99_ms", p, float(rep["rttMs"]["p99"]))
+            add(f"{t}_errors", p, float(rep["errors"] + rep["connectErrors"]))
             if float(r.get("cpuSeconds", 0)) > 0:
-                add("ws_per_core_s", p, float(rep["received"]) / float(r["cpuSeconds"]))
-            add_cores("ws", p, r)
-        elif t == "http1cap":
-            add("http1cap_rps", p, float(r["rps"]))
-            add("http1cap_p99_ms", p, ms(r["p99"]))
-            if float(r.get("cpuSeconds", 0)) > 0:
-                add("http1cap_per_core_s", p, float(r["rps"]) * float(r["seconds"]) / float(r["cpuSeconds"]))
-        elif t == "wscap":
-            rep = r["report"]
-            add("wscap_msgs", p, float(rep["messagesPerSecond"]))
-            add("wscap_p99_ms", p, float(rep["rttMs"]["p99"]))
-            if float(r.get("cpuSeconds", 0)) > 0:
-                add("wscap_per_core_s", p, float(rep["received"]) / float(r["cpuSeconds"]))
+                add(f"{t}_per_core_s", p, float(rep["received"]) / float(r["cpuSeconds"]))
+            add_cores(t, p, r)
         elif t == "idle":
             n = r["connections"]
             per = (r["heldKiB"] - r["baseKiB"]) / max(r["connected"], 1)

@@ -254,6 +254,12 @@ stop() { # the proxies are started in a subshell, so poll for the exit
   kill -9 "$1" 2>/dev/null || true
 }
 
+# The load of the HTTP/1.1 and WebSocket slices, plain and capped alike
+http1_load() { taskset -c 1 wrk -t1 -c50 -d"${DUR}s" --latency "http://127.0.0.1:$1/"; }
+ws_load() { # 200 connections over 20 matches, 64-byte messages, closed loop
+  taskset -c 1 $BIN/kp5-loadgen --url "ws://127.0.0.1:$1/matches/{match}/ws" --connections 200 --matches 20 --mode closed --duration "$DUR" --size 64 | tail -1
+}
+
 # One slice of one test against one proxy (already running, its pid in $2).
 slice() { # test name pid round
   local test=$1 name=$2 pid=$3 round=$4 p t0 t1 c0 c1 w h l rps p99
@@ -262,7 +268,7 @@ slice() { # test name pid round
     http1) # HTTP/1.1 keep-alive; the first round warms each proxy's backend connections for 1 s
       [ "$round" = 1 ] && { taskset -c 1 wrk -t1 -c50 -d1s "http://127.0.0.1:$p/" >/dev/null 2>&1 || true; }
       t0=$(cpu_ticks "$pid"); c0=$(core_ticks)
-      w=$(taskset -c 1 wrk -t1 -c50 -d"${DUR}s" --latency "http://127.0.0.1:$p/")
+      w=$(http1_load "$p")
       t1=$(cpu_ticks "$pid"); c1=$(core_ticks)
       rps=$(echo "$w" | awk '/Requests\/sec/ {print $2}')
       p99=$(echo "$w" | awk '$1=="99%" {print $2}')
@@ -287,9 +293,9 @@ slice() { # test name pid round
       cap "$pid"
       t0=$(cpu_ticks "$pid"); c0=$(core_ticks); h=$(throttled_ms)
       if [ "$test" = http1cap ]; then
-        w=$(taskset -c 1 wrk -t1 -c50 -d"${DUR}s" --latency "http://127.0.0.1:$p/")
+        w=$(http1_load "$p")
       else
-        l=$(taskset -c 1 $BIN/kp5-loadgen --url "ws://127.0.0.1:$p/matches/{match}/ws" --connections 200 --matches 20 --mode closed --duration "$DUR" --size 64 | tail -1)
+        l=$(ws_load "$p")
       fi
       t1=$(cpu_ticks "$pid"); c1=$(core_ticks); h=$(( $(throttled_ms) - h ))
       uncap "$pid"
@@ -303,7 +309,7 @@ slice() { # test name pid round
       fi ;;
     ws) # WebSocket echo relay, 200 connections, 64-byte messages
       t0=$(cpu_ticks "$pid"); c0=$(core_ticks)
-      l=$(taskset -c 1 $BIN/kp5-loadgen --url "ws://127.0.0.1:$p/matches/{match}/ws" --connections 200 --matches 20 --mode closed --duration "$DUR" --size 64 | tail -1)
+      l=$(ws_load "$p")
       t1=$(cpu_ticks "$pid"); c1=$(core_ticks)
       emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"ws\",\"report\":$l,\"cpuSeconds\":$(cpu_seconds "$t0" "$t1"),$(core_busy "$c0" "$c1")}" ;;
   esac
