@@ -54,7 +54,7 @@ def load(path):
         p, t, rnd = r["proxy"], r["test"], r["round"]
         if "capPercent" in r:
             CAP["cap"] = r["capPercent"]
-        # the capped slices ("http1cap", "wscap") carry the same fields as
+        # the capped slices ("http1cap", "http2cap", "wscap") carry the same fields as
         # the plain ones, under their own test name
         if t in ("http1", "http1cap"):
             add(f"{t}_rps", p, float(r["rps"]))
@@ -63,9 +63,11 @@ def load(path):
             if float(r.get("cpuSeconds", 0)) > 0:
                 add(f"{t}_per_core_s", p, float(r["rps"]) * secs / float(r["cpuSeconds"]))
             add_cores(t, p, r)
-        elif t == "http2":
-            add("http2_rps", p, float(r["rps"]))
-            add_cores("http2", p, r)
+        elif t in ("http2", "http2cap"):
+            add(f"{t}_rps", p, float(r["rps"]))
+            if float(r.get("cpuSeconds", 0)) > 0:
+                add(f"{t}_per_core_s", p, float(r["rps"]) * float(r["seconds"]) / float(r["cpuSeconds"]))
+            add_cores(t, p, r)
         elif t == "https":
             add("https_rps", p, float(r["rps"]))
             add("https_p99_ms", p, ms(r["p99"]))
@@ -101,6 +103,8 @@ LABELS = [
     ("http1cap_rps", "HTTP/1.1 requests/s, proxy held to {cap} % of a core", True),
     ("http1cap_p99_ms", "HTTP/1.1 p99 latency, ms, proxy held to {cap} % of a core", False),
     ("http1cap_per_core_s", "HTTP/1.1 requests per proxy core-second, proxy held to {cap} %", True),
+    ("http2cap_rps", "HTTP/2 requests/s, proxy held to {cap} % of a core", True),
+    ("http2cap_per_core_s", "HTTP/2 requests per proxy core-second, proxy held to {cap} %", True),
     ("wscap_msgs", "WebSocket echo messages/s, proxy held to {cap} % of a core", True),
     ("wscap_p99_ms", "WebSocket p99 round trip, ms, proxy held to {cap} % of a core", False),
     ("wscap_per_core_s", "WebSocket messages per proxy core-second, proxy held to {cap} %", True),
@@ -175,6 +179,7 @@ TARGETS = [
     ("WebSocket p99 round trip no worse than nginx's", "ws_p99_ms", ["nginx"], False),
     ("HTTP/1.1 requests/s at least nginx's and HAProxy's, each proxy held to {cap} % of a core", "http1cap_rps", ["nginx", "haproxy"], True),
     ("HTTP/1.1 p99 no worse than nginx's, each proxy held to {cap} % of a core", "http1cap_p99_ms", ["nginx"], False),
+    ("HTTP/2 requests/s at least nginx's and HAProxy's, each proxy held to {cap} % of a core", "http2cap_rps", ["nginx", "haproxy"], True),
     ("WebSocket messages/s at least nginx's, each proxy held to {cap} % of a core", "wscap_msgs", ["nginx"], True),
     ("WebSocket p99 round trip no worse than nginx's, each proxy held to {cap} % of a core", "wscap_p99_ms", ["nginx"], False),
     ("KiB per idle WebSocket (9,000 open) at most nginx's (issue 6)", "idle_kib_9000", ["nginx"], False),
@@ -254,6 +259,7 @@ RUN_COLUMNS = [
     ("HTTP/1.1 req per proxy core-second vs nginx", "http1_per_core_s", "nginx", True),
     ("WebSocket msgs per proxy core-second vs nginx", "ws_per_core_s", "nginx", True),
     ("HTTP/1.1 req/s vs nginx, proxy held to {cap} %", "http1cap_rps", "nginx", True),
+    ("HTTP/2 req/s vs HAProxy, proxy held to {cap} %", "http2cap_rps", "haproxy", True),
     ("WebSocket msgs/s vs nginx, proxy held to {cap} %", "wscap_msgs", "nginx", True),
     ("WebSocket p99 vs nginx, proxy held to {cap} %", "wscap_p99_ms", "nginx", False),
 ]
