@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod reload;
 pub mod runtime;
+pub mod send_timeout;
 pub mod server;
 pub mod state;
 pub mod tls;

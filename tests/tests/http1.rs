@@ -299,3 +299,84 @@ async fn idle_keepalive_closed_and_a_half_head_gets_408() {
     assert_eq!(timeout.header("connection"), Some("close"));
     assert!(closed(&mut s).await);
 }
+
+/// A backend whose every response is a 64 MiB body; what each of its
+/// connections ends with comes back on the channel (`Err` once the proxy
+/// closed the connection under it).
+async fn endless_backend() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<std::io::Result<()>>,
+) {
+    let raw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = raw.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = raw.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let body = vec![b'z'; 1024 * 1024];
+                let sent = async {
+                    c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 67108864\r\n\r\n")
+                        .await?;
+                    for _ in 0..64 {
+                        c.write_all(&body).await?;
+                    }
+                    Ok(())
+                };
+                let _ = tx.send(sent.await);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A client that asks for a large response and reads none of it is closed
+/// at the send timeout (nginx's `send_timeout`), on our server loop (GET)
+/// and on hyper's (a POST with a body), and the server's connection with
+/// it; the client gets only what the buffers held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_nothing_is_closed_at_the_send_timeout() {
+    let (addr, mut ends) = endless_backend().await;
+    let proxy = start_proxy(&config(&[("raw", addr, 1)], "", "send_timeout_ms = 300")).await;
+    let active = || {
+        proxy
+            .shared
+            .counters
+            .connections_active
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    for request in [
+        &b"GET /big HTTP/1.1\r\nHost: h\r\n\r\n"[..],
+        &b"POST /big HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n\r\nx"[..],
+    ] {
+        let mut s = TcpStream::connect(proxy.listen[0]).await.unwrap();
+        s.write_all(request).await.unwrap();
+        wait_until(WITHIN, "the proxy to take the connection", || async {
+            active() == 1
+        })
+        .await;
+        wait_until(WITHIN, "the proxy to close the connection", || async {
+            active() == 0
+        })
+        .await;
+        let server_end = tokio::time::timeout(WITHIN, ends.recv())
+            .await
+            .expect("the server's connection closes too")
+            .unwrap();
+        assert!(server_end.is_err(), "the server sent the whole body");
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 256 * 1024];
+        while let Ok(Ok(n @ 1..)) = tokio::time::timeout(WITHIN, s.read(&mut buf)).await {
+            got += n;
+        }
+        assert!(got < 64 * 1024 * 1024, "the client got {got} bytes");
+    }
+}

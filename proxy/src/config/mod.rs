@@ -58,6 +58,7 @@ pub struct ProxySettings {
     pub upstream_timeout: Duration,
     pub idle_timeout: Duration,
     pub tunnel_idle_timeout: Duration,
+    pub send_timeout: Duration,
     pub drain_timeout: Duration,
     pub max_header_bytes: usize,
     pub retries: u32,

@@ -50,6 +50,12 @@ pub struct RawProxy {
     /// closed, with close code 1001 where the protocol is WebSocket, ms. Default 3600000.
     #[serde(default = "d_tunnel_idle")]
     pub tunnel_idle_timeout_ms: u64,
+    /// A client that takes nothing of what is sent to it (a response, or a
+    /// tunnel's data) for this long is closed, as is a tunnel's server that
+    /// takes nothing; the time runs only while a write waits (nginx's
+    /// `send_timeout`), ms. Default 60000.
+    #[serde(default = "d_idle")]
+    pub send_timeout_ms: u64,
     /// On SIGTERM, open WebSockets get this long to finish before 1001, ms. Default 10000.
     #[serde(default = "d_drain")]
     pub drain_timeout_ms: u64,

@@ -170,6 +170,7 @@ fn proxy_settings(p: &RawProxy) -> Result<ProxySettings, ConfigError> {
         upstream_timeout: positive_ms("proxy.upstream_timeout_ms", p.upstream_timeout_ms)?,
         idle_timeout: positive_ms("proxy.idle_timeout_ms", p.idle_timeout_ms)?,
         tunnel_idle_timeout: positive_ms("proxy.tunnel_idle_timeout_ms", p.tunnel_idle_timeout_ms)?,
+        send_timeout: positive_ms("proxy.send_timeout_ms", p.send_timeout_ms)?,
         drain_timeout: Duration::from_millis(p.drain_timeout_ms),
         max_header_bytes: p.max_header_bytes,
         retries: p.retries,

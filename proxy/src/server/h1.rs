@@ -12,6 +12,7 @@ use crate::app::ConnCtx;
 use crate::config::ProxySettings;
 use crate::forward::headers::{header_map, offsets, range, write_field, FieldSpan};
 use crate::forward::{self, body::BodySlot, body::ProxyBody};
+use crate::send_timeout::SendTimeout;
 use bytes::{Bytes, BytesMut};
 use http::header;
 use http::{Method, Response, StatusCode, Uri, Version};
@@ -76,11 +77,12 @@ pub(super) async fn serve(
                     let resp =
                         forward::handle_parts(parts, BodySlot::empty(), None, ctx.clone()).await;
                     let close = close || stop.is_cancelled();
-                    if write_response(stream, &mut out, resp, head_only, close)
-                        .await
-                        .is_err()
-                        || close
-                    {
+                    let mut to = SendTimeout::new(&mut *stream, settings.send_timeout);
+                    let written = write_response(&mut to, &mut out, resp, head_only, close).await;
+                    if let Err(e) = &written {
+                        tracing::debug!(peer = %ctx.peer, error = %e, "response not delivered");
+                    }
+                    if written.is_err() || close {
                         let _ = stream.shutdown().await;
                         return End::Closed;
                     }
@@ -94,7 +96,7 @@ pub(super) async fn serve(
                 Parsed::Other => return End::HandOver(buf.freeze()),
                 Parsed::Bad(status) => {
                     tracing::debug!(peer = %ctx.peer, %status, "malformed request");
-                    refuse(stream, &mut out, status).await;
+                    refuse(stream, &mut out, status, settings.send_timeout).await;
                     return End::Closed;
                 }
             }
@@ -116,7 +118,13 @@ pub(super) async fn serve(
             Woke::Stop => return End::Closed,
             Woke::Timeout if !buf.is_empty() => {
                 tracing::debug!(peer = %ctx.peer, "request head not complete within the header timeout");
-                refuse(stream, &mut out, StatusCode::REQUEST_TIMEOUT).await;
+                refuse(
+                    stream,
+                    &mut out,
+                    StatusCode::REQUEST_TIMEOUT,
+                    settings.send_timeout,
+                )
+                .await;
                 return End::Closed;
             }
             Woke::Timeout => return End::Closed,
@@ -261,8 +269,8 @@ enum Framing {
 
 /// Writes a response: its head, then its body as it streams, in as few
 /// writes as its frames allow (one for a body that is already read).
-async fn write_response(
-    stream: &mut TcpStream,
+async fn write_response<W: AsyncWrite + Unpin>(
+    stream: &mut W,
     out: &mut Vec<u8>,
     resp: Response<ProxyBody>,
     head_only: bool,
@@ -312,8 +320,8 @@ async fn write_response(
     send_body(stream, out, body, framing == Framing::Chunked).await
 }
 
-async fn send_body(
-    stream: &mut TcpStream,
+async fn send_body<W: AsyncWrite + Unpin>(
+    stream: &mut W,
     out: &mut Vec<u8>,
     mut body: ProxyBody,
     chunked: bool,
@@ -379,7 +387,8 @@ async fn send_body(
 /// Answers a request that will not be served, then closes: what the client
 /// still sends is read and dropped for a while, so the close does not
 /// reset the connection before the answer is read.
-async fn refuse(stream: &mut TcpStream, out: &mut Vec<u8>, status: StatusCode) {
+async fn refuse(stream: &mut TcpStream, out: &mut Vec<u8>, status: StatusCode, send: Duration) {
+    let stream = &mut SendTimeout::new(stream, send);
     out.clear();
     status_line(out, status);
     write_field(out, b"content-length", b"0");
@@ -430,20 +439,24 @@ fn with_date(f: impl FnOnce(&[u8])) {
     });
 }
 
-/// A plain connection handed to hyper: the bytes already read, then the socket.
+/// A plain connection handed to hyper: the bytes already read, then the
+/// socket, its writes under the send timeout.
 pub struct Prefixed {
     pre: Bytes,
-    io: TcpStream,
+    io: SendTimeout<TcpStream>,
 }
 
 impl Prefixed {
-    pub(super) fn new(pre: Bytes, io: TcpStream) -> Self {
-        Prefixed { pre, io }
+    pub(super) fn new(pre: Bytes, io: TcpStream, send_timeout: Duration) -> Self {
+        Prefixed {
+            pre,
+            io: SendTimeout::new(io, send_timeout),
+        }
     }
 
     /// The socket, and what of the read bytes was not consumed yet.
     pub fn into_parts(self) -> (TcpStream, Bytes) {
-        (self.io, self.pre)
+        (self.io.into_inner(), self.pre)
     }
 }
 

@@ -7,6 +7,7 @@ pub use h1::Prefixed;
 
 use crate::app::{ConnCtx, Shared};
 use crate::forward;
+use crate::send_timeout::SendTimeout;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -121,14 +122,15 @@ async fn serve_plain(mut stream: TcpStream, ctx: Arc<ConnCtx>, stop: Cancellatio
         }
     };
     if h2 {
-        serve_http(TokioIo::new(stream), true, ctx, stop, &settings).await;
+        let io = SendTimeout::new(stream, settings.send_timeout);
+        serve_http(TokioIo::new(io), true, ctx, stop, &settings).await;
         return;
     }
     // ours for the common request; hyper's from the first one it is not
     match h1::serve(&mut stream, &ctx, &stop, &settings).await {
         h1::End::Closed => {}
         h1::End::HandOver(read) => {
-            let io = TokioIo::new(Prefixed::new(read, stream));
+            let io = TokioIo::new(Prefixed::new(read, stream, settings.send_timeout));
             serve_http(io, false, ctx, stop, &settings).await;
         }
     }
@@ -142,6 +144,8 @@ async fn serve_tls(stream: TcpStream, ctx: Arc<ConnCtx>, stop: CancellationToken
     let Some(acceptor) = tls.acceptor() else {
         return;
     };
+    // under TLS: its own writes (the handshake, close_notify) are timed too
+    let stream = SendTimeout::new(stream, settings.send_timeout);
     let stream =
         match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await {
             Ok(Ok(s)) => s,
