@@ -380,3 +380,64 @@ async fn a_client_that_reads_nothing_is_closed_at_the_send_timeout() {
         assert!(got < 64 * 1024 * 1024, "the client got {got} bytes");
     }
 }
+
+/// A WebSocket client that sends and reads nothing back: the echoes fill
+/// the buffers, and the tunnel is closed at the send timeout, long before
+/// its idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_client_that_reads_nothing_is_closed_at_the_send_timeout() {
+    let b = backends(1).await;
+    let proxy = start_proxy(&config(&servers_of(&b), "", "send_timeout_ms = 300")).await;
+    let ws_active = || {
+        proxy
+            .shared
+            .counters
+            .websockets_active
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let mut s = TcpStream::connect(proxy.listen[0]).await.unwrap();
+    s.write_all(
+        b"GET /matches/m1/ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "the upgrade answer");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    wait_until(WITHIN, "the tunnel to open", || async { ws_active() == 1 }).await;
+    // binary frames of 60,000 bytes, masked with a zero key, until the
+    // client's writes stop going through (the echoes it does not read
+    // have filled every buffer on the way)
+    let mut frame = vec![
+        0x82,
+        0x80 | 126,
+        (60_000u16 >> 8) as u8,
+        60_000u16 as u8,
+        0,
+        0,
+        0,
+        0,
+    ];
+    frame.resize(frame.len() + 60_000, b'e');
+    for _ in 0..2000 {
+        match tokio::time::timeout(Duration::from_millis(500), s.write_all(&frame)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    wait_until(
+        WITHIN,
+        "the tunnel to close at the send timeout",
+        || async { ws_active() == 0 },
+    )
+    .await;
+}

@@ -771,6 +771,7 @@ fn spawn_tunnel(
     counters.websockets_active.fetch_add(1, Relaxed);
     let opts = tunnel::Options {
         idle_timeout: rt.config.proxy.tunnel_idle_timeout,
+        send_timeout: rt.config.proxy.send_timeout,
         websocket,
         count_into: Some((guard.server().clone(), counters.clone())),
     };

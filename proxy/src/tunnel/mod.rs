@@ -5,6 +5,8 @@
 //! yet (which is also the back-pressure: that side is not read again until
 //! they are written). Half-close is passed on; an idle tunnel, or one still
 //! open when the proxy shuts down, gets close code 1001 where it is WebSocket.
+//! A side that takes nothing of what waits for it for the send timeout
+//! ends the tunnel (nginx's `send_timeout` on an upgraded connection).
 
 pub mod frames;
 mod streams;
@@ -74,6 +76,8 @@ pub enum End {
     Error,
     /// No byte either way for the idle timeout.
     Idle,
+    /// One side took nothing of what waited for it for the send timeout.
+    Stalled,
     /// The proxy is shutting down.
     Shutdown,
 }
@@ -90,6 +94,9 @@ pub struct Summary {
 
 pub struct Options {
     pub idle_timeout: Duration,
+    /// A side that takes nothing of what waits for it for this long ends
+    /// the tunnel.
+    pub send_timeout: Duration,
     /// Track WebSocket frames (for close 1001 and message counts).
     pub websocket: bool,
     /// Counters that see relayed messages as they pass (per server, total).
@@ -102,6 +109,9 @@ pub struct Options {
 #[derive(Default)]
 struct Dir {
     pending: Vec<u8>,
+    /// Since when (coarse ms, 0: not) `pending` has waited for `dst` to
+    /// take a byte.
+    stalled_since: u64,
     eof: bool,
     shut: bool,
     bytes: u64,
@@ -177,12 +187,21 @@ impl Dir {
 
     /// Writes kept bytes to `dst` as it becomes writable.
     fn flush(&mut self, dst: &TcpStream) -> Step {
+        let mut took = false;
         while !self.pending.is_empty() {
             match dst.try_write(&self.pending) {
                 Ok(w) => {
                     self.pending.drain(..w);
+                    took = true;
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Step::Idle,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if took {
+                        // it took some: the send timeout starts over
+                        self.stalled_since = crate::clock::coarse_ms().max(1);
+                        return Step::Progress;
+                    }
+                    return Step::Idle;
+                }
                 Err(_) => return Step::Failed,
             }
         }
@@ -204,6 +223,27 @@ impl Dir {
 
     fn done(&self) -> bool {
         self.shut
+    }
+
+    /// Keeps `stalled_since` in step with `pending`; the deadline (coarse
+    /// ms) of a stall that has just begun.
+    fn track_stall(&mut self, send_ms: u64) -> Option<u64> {
+        match (self.pending.is_empty(), self.stalled_since) {
+            (true, 0) | (false, 1..) => None,
+            (true, _) => {
+                self.stalled_since = 0;
+                None
+            }
+            (false, 0) => {
+                self.stalled_since = crate::clock::coarse_ms().max(1);
+                Some(self.stalled_since + send_ms)
+            }
+        }
+    }
+
+    /// When this direction's stall passes the send timeout (coarse ms).
+    fn stall_deadline(&self, send_ms: u64) -> Option<u64> {
+        (self.stalled_since != 0).then_some(self.stalled_since + send_ms)
     }
 }
 
@@ -257,6 +297,8 @@ pub async fn run(
     // coarse: read on every relayed read, compared only when the timer fires
     let mut last = crate::clock::coarse_ms();
     let idle_ms = opts.idle_timeout.as_millis() as u64;
+    let send_ms = opts.send_timeout.as_millis() as u64;
+    // the one timer: the idle deadline, or a stall's when that is earlier
     let idle = tokio::time::sleep(opts.idle_timeout);
     tokio::pin!(idle);
     let cancelled = shutdown.token().cancelled();
@@ -306,12 +348,32 @@ pub async fn run(
             Event::Failed => Step::Failed,
             Event::Idle => {
                 armed.clear(Armed::IDLE);
-                if crate::clock::passed_or_rearm(idle.as_mut(), last + idle_ms) {
+                let stall = [up.stall_deadline(send_ms), down.stall_deadline(send_ms)]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                if stall.is_some_and(|d| d <= crate::clock::coarse_ms()) {
+                    break End::Stalled;
+                }
+                let deadline = stall.map_or(last + idle_ms, |d| d.min(last + idle_ms));
+                if crate::clock::passed_or_rearm(idle.as_mut(), deadline) {
                     break End::Idle;
                 }
                 Step::Idle
             }
         };
+        // bytes left waiting for a side start its send timeout, which
+        // brings the timer forward if it would fire later
+        for d in [&mut up, &mut down] {
+            if let Some(deadline) = d.track_stall(send_ms) {
+                let now = crate::clock::coarse_ms();
+                let at = crate::clock::instant_at(now, deadline);
+                if at < idle.deadline() {
+                    idle.as_mut().reset(at);
+                    armed.clear(Armed::IDLE);
+                }
+            }
+        }
         match step {
             Step::Progress => {
                 last = crate::clock::coarse_ms();
@@ -563,6 +625,10 @@ mod tests {
     use tokio::net::TcpListener;
     use tokio::time::Instant;
 
+    /// The send timeout of the tunnels these tests start (but those of the
+    /// send timeout's own tests).
+    const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
     /// A tunnel between `c` (which sent `early` before it) and `s`.
     fn start(
         c: TcpStream,
@@ -584,6 +650,7 @@ mod tests {
     ) -> tokio::task::JoinHandle<Summary> {
         let opts = Options {
             idle_timeout,
+            send_timeout: SEND_TIMEOUT,
             websocket,
             count_into: None,
         };
@@ -674,6 +741,98 @@ mod tests {
         let s = t.await.unwrap();
         assert_eq!(s.end, End::Closed);
         assert_eq!(s.bytes_up, 5 + big.len() as u64);
+    }
+
+    /// A tunnel with a short send timeout, sockets with small buffers.
+    async fn stall_tunnel(
+        send_timeout: Duration,
+    ) -> (TcpStream, TcpStream, tokio::task::JoinHandle<Summary>) {
+        let (client, proxy_c) = pair().await;
+        let (proxy_s, server) = pair().await;
+        for s in [&client, &proxy_c, &proxy_s, &server] {
+            let r = SockRef::from(s);
+            r.set_send_buffer_size(64 * 1024).unwrap();
+            r.set_recv_buffer_size(64 * 1024).unwrap();
+        }
+        let opts = Options {
+            idle_timeout: Duration::from_secs(30),
+            send_timeout,
+            websocket: false,
+            count_into: None,
+        };
+        let t = tokio::spawn(run(
+            proxy_c,
+            bytes::Bytes::new(),
+            proxy_s,
+            bytes::Bytes::new(),
+            opts,
+            Close::new(),
+        ));
+        (client, server, t)
+    }
+
+    /// A client that reads nothing while its server sends: once the
+    /// buffers are full nothing moves, and the tunnel ends at the send
+    /// timeout (not at the idle timeout, 30 s), the server's socket closed.
+    #[tokio::test]
+    async fn a_client_that_takes_nothing_ends_the_tunnel_at_the_send_timeout() {
+        let (_client, mut server, t) = stall_tunnel(Duration::from_millis(300)).await;
+        let flood = tokio::spawn(async move {
+            let chunk = vec![9u8; 64 * 1024];
+            loop {
+                if let Err(e) = server.write_all(&chunk).await {
+                    return e;
+                }
+            }
+        });
+        let sum = tokio::time::timeout(Duration::from_secs(10), t)
+            .await
+            .expect("ended well before the idle timeout")
+            .unwrap();
+        assert_eq!(sum.end, End::Stalled);
+        assert!(sum.bytes_down > 0);
+        // the server's writes fail: the tunnel closed its side
+        let e = tokio::time::timeout(Duration::from_secs(10), flood)
+            .await
+            .expect("the server sees the close")
+            .unwrap();
+        assert!(
+            matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset),
+            "{e}"
+        );
+    }
+
+    /// A client that reads slowly but steadily gets everything: its pauses
+    /// (150 ms, seven of them) add up to more than the send timeout
+    /// (500 ms), but each byte it takes starts the timeout over.
+    #[tokio::test]
+    async fn a_slow_client_that_keeps_reading_gets_everything() {
+        let (mut client, mut server, t) = stall_tunnel(Duration::from_millis(500)).await;
+        let total = 8 * 1024 * 1024;
+        let started = std::time::Instant::now();
+        let sender = tokio::spawn(async move {
+            server.write_all(&vec![3u8; total]).await.unwrap();
+            server.shutdown().await.unwrap();
+            server
+        });
+        let mut chunk = vec![0u8; 64 * 1024];
+        for i in 1..=total / chunk.len() {
+            client.read_exact(&mut chunk).await.unwrap();
+            if i % 16 == 0 && i < total / chunk.len() {
+                // the reader's pace is what is under test here
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        }
+        assert_eq!(
+            client.read(&mut chunk).await.unwrap(),
+            0,
+            "then the half-close"
+        );
+        assert!(started.elapsed() > Duration::from_millis(900));
+        client.shutdown().await.unwrap();
+        drop(sender.await.unwrap());
+        let sum = t.await.unwrap();
+        assert_eq!((sum.end, sum.bytes_down), (End::Closed, total as u64));
     }
 
     /// Masked text frame `hi` (client to server).

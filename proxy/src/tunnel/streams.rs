@@ -6,6 +6,7 @@
 
 use super::frames::{close_frame, FrameTracker};
 use super::{Close, End, Options, Summary, LINGER};
+use crate::send_timeout::SendTimeout;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -25,8 +26,9 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut cr, mut cw) = tokio::io::split(client);
-    let (mut sr, mut sw) = tokio::io::split(server);
+    // either side's writes under the send timeout
+    let (mut cr, mut cw) = tokio::io::split(SendTimeout::new(client, opts.send_timeout));
+    let (mut sr, mut sw) = tokio::io::split(SendTimeout::new(server, opts.send_timeout));
     let mut up = Side::default();
     let mut down = Side::default();
     if opts.websocket {
@@ -42,8 +44,14 @@ where
                 pump(&mut cr, &mut sw, &mut up, &last, base, &opts),
                 pump(&mut sr, &mut cw, &mut down, &last, base, &opts),
             );
+            let timed_out = |r: &io::Result<()>| {
+                r.as_ref()
+                    .is_err_and(|e| e.kind() == io::ErrorKind::TimedOut)
+            };
             if a.is_ok() && b.is_ok() {
                 End::Closed
+            } else if timed_out(&a) || timed_out(&b) {
+                End::Stalled
             } else {
                 End::Error
             }
@@ -148,6 +156,7 @@ mod tests {
             proxy_s,
             Options {
                 idle_timeout: Duration::from_millis(300),
+                send_timeout: Duration::from_secs(60),
                 websocket: true,
                 count_into: None,
             },
