@@ -220,3 +220,94 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A backend whose every response is a 64 MiB body; what each of its
+/// connections ends with comes back on the channel (`Err` once the proxy
+/// closed the connection under it).
+pub async fn endless_backend() -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<std::io::Result<()>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let raw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = raw.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = raw.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let body = vec![b'z'; 1024 * 1024];
+                let sent = async {
+                    c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 67108864\r\n\r\n")
+                        .await?;
+                    for _ in 0..64 {
+                        c.write_all(&body).await?;
+                    }
+                    Ok(())
+                };
+                let _ = tx.send(sent.await);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Opens a WebSocket on `s` by hand: the upgrade request for `path`, then
+/// the head of the answer, which is returned.
+pub async fn raw_upgrade<S>(s: &mut S, host: &str, path: &str) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    s.flush().await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "the upgrade answer");
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A WebSocket client that sends and never reads: binary frames of
+/// 60,000 bytes (masked with a zero key) until a write has not gone
+/// through for half a second, or failed. The echoes it does not read have
+/// filled every buffer on the way by then.
+pub async fn send_until_stuck<S: tokio::io::AsyncWrite + Unpin>(s: &mut S) {
+    use tokio::io::AsyncWriteExt;
+    let mut frame = vec![
+        0x82,
+        0x80 | 126,
+        (60_000u16 >> 8) as u8,
+        60_000u16 as u8,
+        0,
+        0,
+        0,
+        0,
+    ];
+    frame.resize(frame.len() + 60_000, b'e');
+    for _ in 0..2000 {
+        let sent = async {
+            s.write_all(&frame).await?;
+            s.flush().await
+        };
+        match tokio::time::timeout(Duration::from_millis(500), sent).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return,
+        }
+    }
+    panic!("2,000 frames went through: the echoes are being read");
+}

@@ -300,44 +300,6 @@ async fn idle_keepalive_closed_and_a_half_head_gets_408() {
     assert!(closed(&mut s).await);
 }
 
-/// A backend whose every response is a 64 MiB body; what each of its
-/// connections ends with comes back on the channel (`Err` once the proxy
-/// closed the connection under it).
-async fn endless_backend() -> (
-    std::net::SocketAddr,
-    tokio::sync::mpsc::UnboundedReceiver<std::io::Result<()>>,
-) {
-    let raw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = raw.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((mut c, _)) = raw.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut chunk = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match c.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let body = vec![b'z'; 1024 * 1024];
-                let sent = async {
-                    c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 67108864\r\n\r\n")
-                        .await?;
-                    for _ in 0..64 {
-                        c.write_all(&body).await?;
-                    }
-                    Ok(())
-                };
-                let _ = tx.send(sent.await);
-            });
-        }
-    });
-    (addr, rx)
-}
-
 /// A client that asks for a large response and reads none of it is closed
 /// at the send timeout (nginx's `send_timeout`), on our server loop (GET)
 /// and on hyper's (a POST with a body), and the server's connection with
@@ -396,44 +358,10 @@ async fn a_websocket_client_that_reads_nothing_is_closed_at_the_send_timeout() {
             .load(std::sync::atomic::Ordering::Relaxed)
     };
     let mut s = TcpStream::connect(proxy.listen[0]).await.unwrap();
-    s.write_all(
-        b"GET /matches/m1/ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "the upgrade answer");
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    let head = raw_upgrade(&mut s, "h", "/matches/m1/ws").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     wait_until(WITHIN, "the tunnel to open", || async { ws_active() == 1 }).await;
-    // binary frames of 60,000 bytes, masked with a zero key, until the
-    // client's writes stop going through (the echoes it does not read
-    // have filled every buffer on the way)
-    let mut frame = vec![
-        0x82,
-        0x80 | 126,
-        (60_000u16 >> 8) as u8,
-        60_000u16 as u8,
-        0,
-        0,
-        0,
-        0,
-    ];
-    frame.resize(frame.len() + 60_000, b'e');
-    for _ in 0..2000 {
-        match tokio::time::timeout(Duration::from_millis(500), s.write_all(&frame)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) | Err(_) => break,
-        }
-    }
+    send_until_stuck(&mut s).await;
     wait_until(
         WITHIN,
         "the tunnel to close at the send timeout",

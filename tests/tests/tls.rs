@@ -445,3 +445,62 @@ pool = "wrongca""#
     front.shutdown(Duration::from_secs(1)).await;
     edge.shutdown(Duration::from_secs(1)).await;
 }
+
+/// Over TLS as in the clear, a client that reads nothing is given up on at
+/// the send timeout: an HTTPS client that asked for a large response (the
+/// server's connection closes with it), and a WSS client that sends and
+/// reads no echo (the tunnel over TLS closes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_clients_that_read_nothing_are_closed_at_the_send_timeout() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = TempDir::new("tls-send-timeout");
+    let pki = Pki::new(dir.path());
+    let (endless, mut ends) = endless_backend().await;
+    let b = backends(1).await;
+    let servers = [("raw", endless, 1), ("s1", b[0].addr, 1)];
+    // the large responses from the raw server, WebSockets to the demo one
+    let extra = format!("send_timeout_ms = 300\n{}", tls_section(dir.path()));
+    let toml = config(&servers[..1], "", &extra).replace(
+        "[[routes]]",
+        "[[routes]]\npath_prefix = \"/matches/\"\npool = \"ws\"\n\n[[routes]]",
+    ) + &format!(
+        "\n[pools.ws]\nbackends = [{{ id = \"s1\", address = \"{}\" }}]\n",
+        servers[1].1
+    );
+    let proxy = start_proxy(&toml).await;
+    let addr = proxy.listening_tls()[0];
+    let counters = proxy.shared.counters.clone();
+    let cc = client_config(&pki.a.pem, &[TLS13], &[b"http/1.1"]);
+
+    let mut s = connect(addr, "a.example", cc.clone()).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        .await
+        .unwrap();
+    s.flush().await.unwrap();
+    let within = Duration::from_secs(10);
+    wait_until(within, "the HTTPS connection to close", || async {
+        counters.connections_active.load(Relaxed) == 0
+    })
+    .await;
+    let server_end = tokio::time::timeout(within, ends.recv())
+        .await
+        .expect("the server's connection closes too")
+        .unwrap();
+    assert!(server_end.is_err(), "the server sent the whole body");
+    drop(s);
+
+    let mut s = connect(addr, "a.example", cc).await.unwrap();
+    let head = raw_upgrade(&mut s, "a.example", "/matches/m1/ws").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    wait_until(within, "the WSS tunnel to open", || async {
+        counters.websockets_active.load(Relaxed) == 1
+    })
+    .await;
+    send_until_stuck(&mut s).await;
+    wait_until(
+        within,
+        "the WSS tunnel to close at the send timeout",
+        || async { counters.websockets_active.load(Relaxed) == 0 },
+    )
+    .await;
+}
