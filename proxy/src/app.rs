@@ -36,6 +36,9 @@ pub struct Counters {
     pub ws_messages: AtomicU64,
     pub connections_total: AtomicU64,
     pub connections_active: AtomicU64,
+    /// Connections and tunnels closed because a client (or a tunnel's
+    /// server) took nothing for the send timeout.
+    pub send_timeouts: AtomicU64,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
 }

@@ -84,6 +84,13 @@ impl prometheus_client::collector::Collector for Collector {
         )?;
         one(
             &mut enc,
+            "kp5_send_timeouts",
+            "Client connections and tunnels closed because a peer took nothing for proxy.send_timeout_ms.",
+            MetricType::Counter,
+            c.send_timeouts.load(Relaxed),
+        )?;
+        one(
+            &mut enc,
             "kp5_websockets",
             "WebSocket and other upgraded tunnels opened.",
             MetricType::Counter,

@@ -16,15 +16,39 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+/// What a write's `TimedOut` error carries when its peer took nothing
+/// for the send timeout (see [`is_stall`]).
+#[derive(Debug)]
+pub struct Stalled(Duration);
+
+impl std::fmt::Display for Stalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the peer took nothing of what was sent to it for {} ms (send timeout)",
+            self.0.as_millis()
+        )
+    }
+}
+
+impl std::error::Error for Stalled {}
+
 /// The error a write gets when its peer took nothing for the timeout.
 pub fn stalled(timeout: Duration) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::TimedOut,
-        format!(
-            "the peer took nothing of what was sent to it for {} ms (send timeout)",
-            timeout.as_millis()
-        ),
-    )
+    io::Error::new(io::ErrorKind::TimedOut, Stalled(timeout))
+}
+
+/// Whether `e`, or an error it was caused by, is a send timeout's.
+pub fn is_stall(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        let inner = e.downcast_ref::<io::Error>().and_then(io::Error::get_ref);
+        if e.is::<Stalled>() || inner.is_some_and(|i| i.is::<Stalled>()) {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// Times the waits of one stream's writes.
@@ -180,6 +204,9 @@ mod tests {
         .await
         .expect("the write fails within the deadline");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(is_stall(&err), "{err}");
+        // another time-out is not the send timeout's
+        assert!(!is_stall(&io::Error::from(io::ErrorKind::TimedOut)));
         assert!(started.elapsed() >= Duration::from_millis(200));
     }
 

@@ -260,6 +260,19 @@ pub async fn endless_backend() -> (
     (addr, rx)
 }
 
+/// Waits for the end of the endless backend's next connection, which the
+/// proxy must have closed before the whole body was sent.
+pub async fn assert_cut_short(
+    ends: &mut tokio::sync::mpsc::UnboundedReceiver<std::io::Result<()>>,
+    within: Duration,
+) {
+    let end = tokio::time::timeout(within, ends.recv())
+        .await
+        .expect("the server's connection closes too")
+        .unwrap();
+    assert!(end.is_err(), "the server sent the whole body");
+}
+
 /// Opens a WebSocket on `s` by hand: the upgrade request for `path`, then
 /// the head of the answer, which is returned.
 pub async fn raw_upgrade<S>(s: &mut S, host: &str, path: &str) -> String

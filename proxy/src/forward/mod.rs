@@ -779,6 +779,12 @@ fn spawn_tunnel(
     shared.tunnels.spawn(async move {
         let _lease = lease;
         let server_id = guard.server().id.clone();
+        let ended = |sum: tunnel::Summary| {
+            tracing::debug!(server = %server_id, end = ?sum.end, up = sum.bytes_up, down = sum.bytes_down, "tunnel closed");
+            if sum.end == tunnel::End::Stalled {
+                counters.send_timeouts.fetch_add(1, Relaxed);
+            }
+        };
         let server = match server {
             ServerSide::Raw(stream, early) => Ok(Raw(stream, early)),
             ServerSide::Hyper(on) => on.await.map(Upgraded),
@@ -786,8 +792,7 @@ fn spawn_tunnel(
         match (client.await, server) {
             (Ok(c), Ok(Raw(s, s_early))) => match client_socket(c) {
                 Ok((c, c_early)) => {
-                    let sum = tunnel::run(c, c_early, s, s_early, opts, close).await;
-                    tracing::debug!(server = %server_id, end = ?sum.end, up = sum.bytes_up, down = sum.bytes_down, "tunnel closed");
+                    ended(tunnel::run(c, c_early, s, s_early, opts, close).await);
                 }
                 Err(_) => tracing::error!(server = %server_id, "upgraded client connection is not a TCP stream; closing"),
             },
@@ -795,8 +800,7 @@ fn spawn_tunnel(
                 match (client_socket(c), s.downcast::<TokioIo<TcpStream>>()) {
                     (Ok((c, c_early)), Ok(s)) => {
                         // move the read-ahead buffers in, so nothing of hyper's outlives the handshake
-                        let sum = tunnel::run(c, c_early, s.io.into_inner(), s.read_buf, opts, close).await;
-                        tracing::debug!(server = %server_id, end = ?sum.end, up = sum.bytes_up, down = sum.bytes_down, "tunnel closed");
+                        ended(tunnel::run(c, c_early, s.io.into_inner(), s.read_buf, opts, close).await);
                     }
                     _ => tracing::error!(server = %server_id, "upgraded connection is not a TCP stream; closing"),
                 }
@@ -804,8 +808,7 @@ fn spawn_tunnel(
             (Ok(c), Ok(Upgraded(s))) => {
                 // TLS on either side: relay through the streams' own buffers.
                 // Boxed, so the raw-socket tunnels above do not carry its size.
-                let sum = Box::pin(tunnel::run_streams(TokioIo::new(c), TokioIo::new(s), opts, close)).await;
-                tracing::debug!(server = %server_id, end = ?sum.end, up = sum.bytes_up, down = sum.bytes_down, "tunnel closed");
+                ended(Box::pin(tunnel::run_streams(TokioIo::new(c), TokioIo::new(s), opts, close)).await);
             }
             (c, s) => {
                 if let Err(e) = c.and(s.map(|_| ())) {

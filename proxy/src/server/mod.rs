@@ -175,6 +175,7 @@ async fn serve_http<I>(
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let peer = ctx.peer;
+    let counters = ctx.shared.counters.clone();
     let svc = service_fn(move |req| forward::handle(req, ctx.clone()));
     if h2 {
         let streams = StreamSet::default();
@@ -191,6 +192,7 @@ async fn serve_http<I>(
         };
         if let Err(e) = until_done(conn, &stop, |d| d.connection().graceful_shutdown()).await {
             tracing::debug!(%peer, error = %e, "h2 connection ended with an error");
+            count_stall(&counters, &e);
         }
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
@@ -201,7 +203,15 @@ async fn serve_http<I>(
         let conn = b.serve_connection(io, svc).with_upgrades();
         if let Err(e) = until_done(conn, &stop, |c| c.graceful_shutdown()).await {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
+            count_stall(&counters, &e);
         }
+    }
+}
+
+/// Counts a connection that ended at the send timeout.
+fn count_stall(counters: &crate::app::Counters, e: &hyper::Error) {
+    if crate::send_timeout::is_stall(e) {
+        counters.send_timeouts.fetch_add(1, Relaxed);
     }
 }
 

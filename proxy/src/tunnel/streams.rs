@@ -44,10 +44,8 @@ where
                 pump(&mut cr, &mut sw, &mut up, &last, base, &opts),
                 pump(&mut sr, &mut cw, &mut down, &last, base, &opts),
             );
-            let timed_out = |r: &io::Result<()>| {
-                r.as_ref()
-                    .is_err_and(|e| e.kind() == io::ErrorKind::TimedOut)
-            };
+            let timed_out =
+                |r: &io::Result<()>| r.as_ref().is_err_and(|e| crate::send_timeout::is_stall(e));
             if a.is_ok() && b.is_ok() {
                 End::Closed
             } else if timed_out(&a) || timed_out(&b) {
