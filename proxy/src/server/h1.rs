@@ -20,7 +20,6 @@ use http_body::Body;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -82,12 +81,7 @@ pub(super) async fn serve(
                     let written = write_response(&mut to, &mut out, resp, head_only, close).await;
                     if let Err(e) = &written {
                         tracing::debug!(peer = %ctx.peer, error = %e, "response not delivered");
-                        if crate::send_timeout::is_stall(e) {
-                            ctx.shared
-                                .counters
-                                .send_timeouts
-                                .fetch_add(1, Ordering::Relaxed);
-                        }
+                        super::count_stall(&ctx.shared.counters, e);
                     }
                     if written.is_err() || close {
                         let _ = stream.shutdown().await;

@@ -209,7 +209,7 @@ async fn serve_http<I>(
 }
 
 /// Counts a connection that ended at the send timeout.
-fn count_stall(counters: &crate::app::Counters, e: &hyper::Error) {
+fn count_stall(counters: &crate::app::Counters, e: &(dyn std::error::Error + 'static)) {
     if crate::send_timeout::is_stall(e) {
         counters.send_timeouts.fetch_add(1, Relaxed);
     }
