@@ -6,8 +6,8 @@
 #   - HTTP/1.1 keep-alive requests/s and latency (wrk)
 #   - HTTP/2 requests/s (h2load, cleartext prior knowledge)
 #   - WebSocket echo relay: messages/s and round trip (kp5-loadgen, closed loop)
-#   - the HTTP/1.1 and WebSocket tests again with the proxy held to 40 % of
-#     a core (a CFS quota), so that the proxy is the bottleneck, not core 1
+#   - the HTTP/1.1, HTTP/2 and WebSocket tests again with the proxy held to
+#     40 % of a core (a CFS quota), so that the proxy is the bottleneck, not core 1
 #   - memory per idle proxied WebSocket at 1,000 / 5,000 / 9,000 connections
 #     (RSS of all the proxy's processes, minus its RSS before connecting)
 #   - HTTPS keep-alive requests/s and TLS handshakes/s (wrk, Connection: close;
@@ -254,8 +254,14 @@ stop() { # the proxies are started in a subshell, so poll for the exit
   kill -9 "$1" 2>/dev/null || true
 }
 
-# The load of the HTTP/1.1 and WebSocket slices, plain and capped alike
+# The load of the HTTP/1.1, HTTP/2 and WebSocket slices, plain and capped alike
 http1_load() { taskset -c 1 wrk -t1 -c50 -d"${DUR}s" --latency "http://127.0.0.1:$1/"; }
+# wrk's requests/s and p99 ("Requests/sec: 35643.21", "99%    3.96ms")
+wrk_rps() { awk '/Requests\/sec/ {print $2}'; }
+wrk_p99() { awk '$1=="99%" {print $2}'; }
+h2_load() { # port requests: 10 connections x 10 streams
+  taskset -c 1 h2load -n "$2" -c 10 -m 10 "http://127.0.0.1:$1/" 2>&1 || true
+}
 # h2load's requests/s ("finished in 3.00s, 44205.50 req/s, ...")
 h2_rps() { awk '/finished in/ {gsub(",","",$4); print $4}'; }
 # and how long it took, in seconds ("finished in 2.26s", "850.12ms")
@@ -278,23 +284,23 @@ slice() { # test name pid round
       t0=$(cpu_ticks "$pid"); c0=$(core_ticks)
       w=$(http1_load "$p")
       t1=$(cpu_ticks "$pid"); c1=$(core_ticks)
-      rps=$(echo "$w" | awk '/Requests\/sec/ {print $2}')
-      p99=$(echo "$w" | awk '$1=="99%" {print $2}')
+      rps=$(echo "$w" | wrk_rps)
+      p99=$(echo "$w" | wrk_p99)
       emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"http1\",\"rps\":$rps,\"p99\":\"$p99\",\"seconds\":$DUR,\"cpuSeconds\":$(cpu_seconds "$t0" "$t1"),$(core_busy "$c0" "$c1")}" ;;
     http2)
       c0=$(core_ticks)
-      h=$(taskset -c 1 h2load -n "$H2_REQUESTS" -c 10 -m 10 "http://127.0.0.1:$(h2port "$name")/" 2>&1 || true)
+      h=$(h2_load "$(h2port "$name")" "$H2_REQUESTS")
       c1=$(core_ticks)
       rps=$(echo "$h" | h2_rps)
       emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"http2\",\"rps\":${rps:-0},$(core_busy "$c0" "$c1")}" ;;
     https) # HTTPS keep-alive
       w=$(taskset -c 1 wrk -t1 -c50 -d"${DUR}s" --latency "https://127.0.0.1:$(tlsport "$name")/")
-      rps=$(echo "$w" | awk '/Requests\/sec/ {print $2}')
-      p99=$(echo "$w" | awk '$1=="99%" {print $2}')
+      rps=$(echo "$w" | wrk_rps)
+      p99=$(echo "$w" | wrk_p99)
       emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"https\",\"rps\":${rps:-0},\"p99\":\"${p99:-0}\"}" ;;
     handshakes) # one TLS handshake per request (Connection: close)
       w=$(taskset -c 1 wrk -t1 -c50 -d"${DUR}s" -H "Connection: close" "https://127.0.0.1:$(tlsport "$name")/")
-      rps=$(echo "$w" | awk '/Requests\/sec/ {print $2}')
+      rps=$(echo "$w" | wrk_rps)
       emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"handshakes\",\"rps\":${rps:-0}}" ;;
     http1cap | http2cap | wscap) # as http1, http2 and ws, the proxy held to CAP % of a core
       # (HTTP/2: half the plain slices' count of requests. Not h2load's
@@ -306,7 +312,7 @@ slice() { # test name pid round
       t0=$(cpu_ticks "$pid"); c0=$(core_ticks); h=$(throttled_ms)
       case $test in
         http1cap) w=$(http1_load "$p") ;;
-        http2cap) w=$(taskset -c 1 h2load -n "$((H2_REQUESTS / 2))" -c 10 -m 10 "http://127.0.0.1:$(h2port "$name")/" 2>&1 || true) ;;
+        http2cap) w=$(h2_load "$(h2port "$name")" "$((H2_REQUESTS / 2))") ;;
         wscap) l=$(ws_load "$p") ;;
       esac
       t1=$(cpu_ticks "$pid"); c1=$(core_ticks); h=$(( $(throttled_ms) - h ))
@@ -316,8 +322,8 @@ slice() { # test name pid round
       local common="\"seconds\":${secs:-0},\"capPercent\":$CAP,\"throttledMs\":$h,\"cpuSeconds\":$(cpu_seconds "$t0" "$t1"),$(core_busy "$c0" "$c1")"
       case $test in
         http1cap)
-          rps=$(echo "$w" | awk '/Requests\/sec/ {print $2}')
-          p99=$(echo "$w" | awk '$1=="99%" {print $2}')
+          rps=$(echo "$w" | wrk_rps)
+          p99=$(echo "$w" | wrk_p99)
           emit "{\"round\":$round,\"proxy\":\"$name\",\"test\":\"http1cap\",\"rps\":${rps:-0},\"p99\":\"${p99:-0}\",$common}" ;;
         http2cap)
           rps=$(echo "$w" | h2_rps)
