@@ -432,6 +432,56 @@ async fn h2c_many_concurrent_streams_on_one_connection() {
     assert_eq!(proxy.shared.counters.connections_total.load(Relaxed), 1);
 }
 
+/// An HTTP/2 connection is closed (GOAWAY, then the socket) once it has had
+/// no stream in flight and received nothing for `idle_timeout_ms`, like
+/// nginx's `keepalive_timeout`; a stream in flight for longer than that, or
+/// a client that keeps sending requests, keeps it open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_idle_connection_closed_after_idle_timeout() {
+    let b = backends(1).await;
+    let proxy = start_proxy(&config(&servers_of(&b), "", "idle_timeout_ms = 400")).await;
+    let stream = TcpStream::connect(proxy.listen[0]).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let ended = tokio::spawn(async move {
+        let r = conn.await;
+        (r, std::time::Instant::now())
+    });
+    let mut request = |path: &str| {
+        let req = http::Request::get(format!("http://play.example{path}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let sent = send.send_request(req);
+        async move {
+            let resp = sent.await.expect("the connection is still open");
+            assert_eq!(resp.status(), 200);
+            resp.into_body().collect().await.unwrap();
+        }
+    };
+    // a stream in flight for 2.5 idle timeouts
+    request("/slow/1000").await;
+    // requests every 150 ms for 1.2 s
+    for i in 0..8 {
+        request(&format!("/keep/{i}")).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    request("/last").await;
+    let last = std::time::Instant::now();
+    assert!(!ended.is_finished(), "closed while in use");
+    let (r, at) = tokio::time::timeout(Duration::from_secs(5), ended)
+        .await
+        .expect("the idle connection was closed")
+        .unwrap();
+    r.expect("closed gracefully, with a GOAWAY");
+    let idle = at.duration_since(last);
+    // the coarse clock may run a tick behind
+    assert!(idle >= Duration::from_millis(370), "closed after {idle:?}");
+}
+
 /// A server that answers before it reads the upload (32 MiB each way, more
 /// than the socket buffers hold): the proxy must read the response while it
 /// still writes the request body, or both directions stall.
