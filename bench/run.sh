@@ -29,13 +29,8 @@ IDLE_SIZES=${BENCH_IDLE_SIZES:-"1000 5000 9000"}
 W=/tmp/kp5-bench
 mkdir -p "$W" bench/results
 
-have() { command -v "$1" >/dev/null 2>&1; }
-need=()
-for t in nginx haproxy wrk h2load; do have "$t" || need+=("$t"); done
-if [ ${#need[@]} -gt 0 ]; then
-  pkgs=$(echo "${need[@]}" | sed 's/h2load/nghttp2-client/')
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $pkgs >/dev/null
-fi
+source bench/lib.sh
+install_tools
 ulimit -n 20000
 cargo build --release -q -p kp5-proxy -p kp5-tests -p kp5-bench --bins
 BIN=target/release
@@ -50,124 +45,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 did not open" >&2; exit 1; }
-
-# backends: two demo match servers (HTTP and WebSocket echo), on core 1
-for i in 1 2; do
-  taskset -c 1 $BIN/kp5-demo-server --id b$i --listen 127.0.0.1:310$i >$W/b$i.log 2>&1 & pids+=($!)
-done
-wait_port 3101; wait_port 3102
-
-# a throwaway certificate for the TLS figures, the same for all three
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-  -subj /CN=bench.local -addext subjectAltName=DNS:bench.local,IP:127.0.0.1 \
-  -keyout $W/tls.key -out $W/tls.pem 2>/dev/null
-cat $W/tls.pem $W/tls.key >$W/tls-combined.pem
-
-cat >$W/kp5.toml <<EOF
-[proxy]
-listen = ["127.0.0.1:8081"]
-worker_threads = 1
-forwarded_headers = ["x-real-ip", "x-forwarded-for"]
-[proxy.tls]
-listen = ["127.0.0.1:8441"]
-certs = [{ cert = "$W/tls.pem", key = "$W/tls.key" }]
-[admin]
-listen = "127.0.0.1:9981"
-token = "bench"
-[log]
-level = "warn"
-access_log = false
-# match traffic on a match-aware pool, as in SPEC 3's example config: every
-# client of a match goes to one server, and least_matches spreads the
-# matches evenly (least_connections, counting connections that are still
-# arriving, placed the 20 matches of the WebSocket test 11/9 at times);
-# plain HTTP on least_connections, like nginx's least_conn and HAProxy's
-# leastconn
-[[routes]]
-path_prefix = "/matches/"
-pool = "matches"
-[[routes]]
-path_prefix = "/"
-pool = "p"
-[pools.matches]
-strategy = "least_matches"
-max_connections_per_server = 20000
-max_matches_per_server = 20000
-match_id = [{ from = "path", pattern = "/matches/{id}" }]
-backends = [{ id = "m1", address = "127.0.0.1:3101" }, { id = "m2", address = "127.0.0.1:3102" }]
-[pools.p]
-strategy = "least_connections"
-max_connections_per_server = 20000
-backends = [{ id = "b1", address = "127.0.0.1:3101" }, { id = "b2", address = "127.0.0.1:3102" }]
-EOF
-
-cat >$W/nginx.conf <<EOF
-worker_processes 1;
-worker_rlimit_nofile 20000;
-pid $W/nginx.pid;
-error_log $W/nginx-error.log warn;
-events { worker_connections 20000; }
-http {
-  access_log off;
-  upstream backends { least_conn; server 127.0.0.1:3101; server 127.0.0.1:3102; keepalive 256; }
-  map \$http_upgrade \$connection_upgrade { default upgrade; '' ''; }
-  server {
-    listen 127.0.0.1:8092 http2;
-    listen 127.0.0.1:8442 ssl;
-    ssl_certificate $W/tls.pem;
-    ssl_certificate_key $W/tls.key;
-    ssl_protocols TLSv1.2 TLSv1.3;
-    location / {
-      proxy_pass http://backends;
-      proxy_http_version 1.1;
-      proxy_set_header Host \$host;
-      proxy_set_header X-Real-IP \$remote_addr;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header Connection "";
-    }
-  }
-  server {
-    listen 127.0.0.1:8082;
-    location / {
-      proxy_pass http://backends;
-      proxy_http_version 1.1;
-      proxy_set_header Host \$host;
-      proxy_set_header X-Real-IP \$remote_addr;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header Upgrade \$http_upgrade;
-      proxy_set_header Connection \$connection_upgrade;
-      proxy_read_timeout 3600s;
-      proxy_send_timeout 3600s;
-    }
-  }
-}
-EOF
-
-cat >$W/haproxy.cfg <<EOF
-global
-  maxconn 9900
-  nbthread 1
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 3600s
-  timeout server 3600s
-  timeout tunnel 3600s
-  option http-keep-alive
-  option forwardfor
-frontend fe
-  bind 127.0.0.1:8083
-  bind 127.0.0.1:8093 proto h2
-  bind 127.0.0.1:8443 ssl crt $W/tls-combined.pem alpn http/1.1
-  http-request set-header X-Real-IP %[src]
-  default_backend be
-backend be
-  balance leastconn
-  http-reuse always
-  server b1 127.0.0.1:3101 maxconn 10000
-  server b2 127.0.0.1:3102 maxconn 10000
-EOF
+# the backends on core 1, and the three proxies' configs (bench/lib.sh)
+start_backends
+write_configs
 
 start() { # name → pid of the process to measure (all its processes are summed)
   case $1 in
