@@ -72,9 +72,14 @@ pub fn passed_or_rearm(sleep: std::pin::Pin<&mut tokio::time::Sleep>, deadline: 
 }
 
 /// The timer instant of `deadline` (coarse ms), `now` being the coarse time.
+/// At most a year ahead (the longest timeout the config takes).
 pub fn instant_at(now: u64, deadline: u64) -> tokio::time::Instant {
-    tokio::time::Instant::now() + std::time::Duration::from_millis(deadline.saturating_sub(now))
+    let wait = std::time::Duration::from_millis(deadline.saturating_sub(now));
+    tokio::time::Instant::now() + wait.min(FAR)
 }
+
+/// The furthest a timer is set.
+const FAR: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
 
 #[cfg(test)]
 mod tests {

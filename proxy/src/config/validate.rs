@@ -120,9 +120,20 @@ fn socket_addr(field: &str, s: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
+/// The longest timeout taken: a year. Beyond it a deadline's arithmetic
+/// (coarse ms plus the timeout, a timer's instant) could overflow, and no
+/// timeout means that much.
+const MAX_MS: u64 = 365 * 86_400_000;
+
 fn positive_ms(field: &str, v: u64) -> Result<Duration, ConfigError> {
     if v == 0 {
         return Err(ConfigError::invalid(field, "must be greater than 0"));
+    }
+    if v > MAX_MS {
+        return Err(ConfigError::invalid(
+            field,
+            format!("must be at most {MAX_MS} (a year)"),
+        ));
     }
     Ok(Duration::from_millis(v))
 }
@@ -650,6 +661,23 @@ backends = [
         assert!(e.contains("listen_typo") && e.contains("line"), "{e}");
         let e = err(&GOOD.replace("listen = [\"127.0.0.1:8080\"]", "listen = [\"8080\"]"));
         assert!(e.contains("proxy.listen[0]"), "{e}");
+    }
+
+    #[test]
+    fn timeouts_are_positive_and_at_most_a_year() {
+        let with = |v: &str| GOOD.replace("[proxy]", &format!("[proxy]\nidle_timeout_ms = {v}"));
+        let e = err(&with("0"));
+        assert!(
+            e.contains("proxy.idle_timeout_ms") && e.contains("greater than 0"),
+            "{e}"
+        );
+        let e = err(&with("9223372036854775807"));
+        assert!(
+            e.contains("proxy.idle_timeout_ms") && e.contains("a year"),
+            "{e}"
+        );
+        let c = Config::from_toml(&with("31536000000"), &MapEnv::new()).unwrap();
+        assert_eq!(c.proxy.idle_timeout, Duration::from_secs(365 * 86_400));
     }
 
     #[test]

@@ -219,7 +219,7 @@ impl Pool {
         req: Outgoing<'_>,
         timeout: Duration,
     ) -> Result<Response<H1Body>, SendError> {
-        let deadline = coarse_ms() + timeout.as_millis() as u64;
+        let deadline = coarse_ms().saturating_add(timeout.as_millis() as u64);
         let head = encode_head(req);
         let is_head = req.method == Method::HEAD;
         let mut fresh_only = false;

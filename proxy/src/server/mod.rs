@@ -373,11 +373,12 @@ impl IdleClose {
         }
         loop {
             let now = coarse_ms();
-            let deadline = if busy {
-                now + self.timeout_ms
+            let since = if busy {
+                now
             } else {
-                self.last_read.load(Relaxed).max(self.last_stream) + self.timeout_ms
+                self.last_read.load(Relaxed).max(self.last_stream)
             };
+            let deadline = since.saturating_add(self.timeout_ms);
             if now >= deadline {
                 return true;
             }
