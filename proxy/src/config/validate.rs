@@ -138,6 +138,18 @@ fn positive_ms(field: &str, v: u64) -> Result<Duration, ConfigError> {
     Ok(Duration::from_millis(v))
 }
 
+/// A duration where 0 means "none" (drain, grace, slow start), at most a
+/// year for the same reason as `positive_ms`.
+fn ms_to_a_year(field: &str, v: u64) -> Result<Duration, ConfigError> {
+    if v > MAX_MS {
+        return Err(ConfigError::invalid(
+            field,
+            format!("must be at most {MAX_MS} (a year)"),
+        ));
+    }
+    Ok(Duration::from_millis(v))
+}
+
 fn proxy_settings(p: &RawProxy) -> Result<ProxySettings, ConfigError> {
     if p.listen.is_empty() && p.tls.as_ref().is_none_or(|t| t.listen.is_empty()) {
         return Err(ConfigError::invalid(
@@ -182,7 +194,7 @@ fn proxy_settings(p: &RawProxy) -> Result<ProxySettings, ConfigError> {
         idle_timeout: positive_ms("proxy.idle_timeout_ms", p.idle_timeout_ms)?,
         tunnel_idle_timeout: positive_ms("proxy.tunnel_idle_timeout_ms", p.tunnel_idle_timeout_ms)?,
         send_timeout: positive_ms("proxy.send_timeout_ms", p.send_timeout_ms)?,
-        drain_timeout: Duration::from_millis(p.drain_timeout_ms),
+        drain_timeout: ms_to_a_year("proxy.drain_timeout_ms", p.drain_timeout_ms)?,
         max_header_bytes: p.max_header_bytes,
         retries: p.retries,
         upstream_keepalive: p.upstream_keepalive,
@@ -462,9 +474,12 @@ fn pool(
     let passive = Passive {
         connect_failures: p.passive.connect_failures,
         consecutive_5xx: p.passive.consecutive_5xx,
-        ejection: Duration::from_millis(p.passive.ejection_ms),
-        max_ejection: Duration::from_millis(p.passive.max_ejection_ms.max(p.passive.ejection_ms)),
-        slow_start: Duration::from_millis(p.passive.slow_start_ms),
+        ejection: ms_to_a_year(&field("passive.ejection_ms"), p.passive.ejection_ms)?,
+        max_ejection: ms_to_a_year(
+            &field("passive.max_ejection_ms"),
+            p.passive.max_ejection_ms.max(p.passive.ejection_ms),
+        )?,
+        slow_start: ms_to_a_year(&field("passive.slow_start_ms"), p.passive.slow_start_ms)?,
     };
 
     let mut backends = Vec::with_capacity(p.backends.len());
@@ -508,7 +523,7 @@ fn pool(
         max_matches_per_server: p.max_matches_per_server,
         discover: p.discover,
         match_id,
-        match_grace: Duration::from_millis(p.match_grace_ms),
+        match_grace: ms_to_a_year(&field("match_grace_ms"), p.match_grace_ms)?,
         sticky_cookie: p.sticky_cookie.clone(),
         health_check,
         passive,
@@ -678,6 +693,31 @@ backends = [
         );
         let c = Config::from_toml(&with("31536000000"), &MapEnv::new()).unwrap();
         assert_eq!(c.proxy.idle_timeout, Duration::from_secs(365 * 86_400));
+        // durations where 0 means none: 0 is taken, more than a year is not
+        let c = Config::from_toml(
+            &GOOD.replace("[proxy]", "[proxy]\ndrain_timeout_ms = 0"),
+            &MapEnv::new(),
+        )
+        .unwrap();
+        assert_eq!(c.proxy.drain_timeout, Duration::ZERO);
+        let e = err(&GOOD.replace("[proxy]", "[proxy]\ndrain_timeout_ms = 31536000001"));
+        assert!(
+            e.contains("proxy.drain_timeout_ms") && e.contains("a year"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace(
+            "sticky_cookie = ",
+            "match_grace_ms = 9223372036854775807\nsticky_cookie = ",
+        ));
+        assert!(
+            e.contains("pools.matches.match_grace_ms") && e.contains("a year"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace(
+            "sticky_cookie = ",
+            "passive = { ejection_ms = 9223372036854775807 }\nsticky_cookie = ",
+        ));
+        assert!(e.contains("pools.matches.passive.ejection_ms"), "{e}");
     }
 
     #[test]
