@@ -72,14 +72,17 @@ pub fn passed_or_rearm(sleep: std::pin::Pin<&mut tokio::time::Sleep>, deadline: 
 }
 
 /// The timer instant of `deadline` (coarse ms), `now` being the coarse time.
-/// At most a year ahead (the longest timeout the config takes).
+/// At most [`LONGEST`] ahead.
 pub fn instant_at(now: u64, deadline: u64) -> tokio::time::Instant {
     let wait = std::time::Duration::from_millis(deadline.saturating_sub(now));
-    tokio::time::Instant::now() + wait.min(FAR)
+    tokio::time::Instant::now() + wait.min(LONGEST)
 }
 
-/// The furthest a timer is set.
-const FAR: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
+/// The longest a timer is set for, and the longest duration the config
+/// takes (a year): beyond it a deadline's arithmetic (coarse ms plus the
+/// timeout, a timer's instant) could overflow, and no timeout means that
+/// much.
+pub const LONGEST: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
 
 #[cfg(test)]
 mod tests {

@@ -120,26 +120,19 @@ fn socket_addr(field: &str, s: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
-/// The longest timeout taken: a year. Beyond it a deadline's arithmetic
-/// (coarse ms plus the timeout, a timer's instant) could overflow, and no
-/// timeout means that much.
-const MAX_MS: u64 = 365 * 86_400_000;
+/// The longest duration taken, in ms: a year (`clock::LONGEST`).
+const MAX_MS: u64 = crate::clock::LONGEST.as_millis() as u64;
 
+/// A timeout: more than 0, at most a year.
 fn positive_ms(field: &str, v: u64) -> Result<Duration, ConfigError> {
     if v == 0 {
         return Err(ConfigError::invalid(field, "must be greater than 0"));
     }
-    if v > MAX_MS {
-        return Err(ConfigError::invalid(
-            field,
-            format!("must be at most {MAX_MS} (a year)"),
-        ));
-    }
-    Ok(Duration::from_millis(v))
+    ms_to_a_year(field, v)
 }
 
-/// A duration where 0 means "none" (drain, grace, slow start), at most a
-/// year for the same reason as `positive_ms`.
+/// A duration where 0 means "none" (drain, grace, slow start): at most a
+/// year.
 fn ms_to_a_year(field: &str, v: u64) -> Result<Duration, ConfigError> {
     if v > MAX_MS {
         return Err(ConfigError::invalid(
@@ -686,11 +679,12 @@ backends = [
             e.contains("proxy.idle_timeout_ms") && e.contains("greater than 0"),
             "{e}"
         );
-        let e = err(&with("9223372036854775807"));
-        assert!(
-            e.contains("proxy.idle_timeout_ms") && e.contains("a year"),
-            "{e}"
-        );
+        // refused with the field's name
+        let too_long = |text: &str, field: &str| {
+            let e = err(text);
+            assert!(e.contains(field) && e.contains("a year"), "{e}");
+        };
+        too_long(&with("9223372036854775807"), "proxy.idle_timeout_ms");
         let c = Config::from_toml(&with("31536000000"), &MapEnv::new()).unwrap();
         assert_eq!(c.proxy.idle_timeout, Duration::from_secs(365 * 86_400));
         // durations where 0 means none: 0 is taken, more than a year is not
@@ -700,24 +694,20 @@ backends = [
         )
         .unwrap();
         assert_eq!(c.proxy.drain_timeout, Duration::ZERO);
-        let e = err(&GOOD.replace("[proxy]", "[proxy]\ndrain_timeout_ms = 31536000001"));
-        assert!(
-            e.contains("proxy.drain_timeout_ms") && e.contains("a year"),
-            "{e}"
+        too_long(
+            &GOOD.replace("[proxy]", "[proxy]\ndrain_timeout_ms = 31536000001"),
+            "proxy.drain_timeout_ms",
         );
-        let e = err(&GOOD.replace(
-            "sticky_cookie = ",
-            "match_grace_ms = 9223372036854775807\nsticky_cookie = ",
-        ));
-        assert!(
-            e.contains("pools.matches.match_grace_ms") && e.contains("a year"),
-            "{e}"
+        let in_pool =
+            |line: &str| GOOD.replace("sticky_cookie = ", &format!("{line}\nsticky_cookie = "));
+        too_long(
+            &in_pool("match_grace_ms = 9223372036854775807"),
+            "pools.matches.match_grace_ms",
         );
-        let e = err(&GOOD.replace(
-            "sticky_cookie = ",
-            "passive = { ejection_ms = 9223372036854775807 }\nsticky_cookie = ",
-        ));
-        assert!(e.contains("pools.matches.passive.ejection_ms"), "{e}");
+        too_long(
+            &in_pool("passive = { ejection_ms = 9223372036854775807 }"),
+            "pools.matches.passive.ejection_ms",
+        );
     }
 
     #[test]
