@@ -139,3 +139,27 @@ backend be
   server b2 127.0.0.1:3102 maxconn 10000
 EOF
 }
+
+# CG_MOUNT: where a writable cgroup cpu controller is mounted (the cgroup v1
+# cpu hierarchy, or v2 with the cpu controller), or empty
+find_cpu_cgroups() {
+  CG_MOUNT=""
+  if [ -w /sys/fs/cgroup/cpu/cgroup.procs ] && [ -f /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; then
+    CG_MOUNT=/sys/fs/cgroup/cpu
+  elif grep -qw cpu /sys/fs/cgroup/cgroup.controllers 2>/dev/null && [ -w /sys/fs/cgroup/cgroup.procs ]; then
+    CG_MOUNT=/sys/fs/cgroup
+  fi
+}
+
+# makes cgroup NAME under CG_MOUNT, its processes held to PERCENT of one core
+# (a CFS quota per 10 ms), and prints its path; fails where it cannot
+quota_cgroup() { # name percent
+  local cg=$CG_MOUNT/$1
+  mkdir -p "$cg" || return 1
+  if [ -f "$cg/cpu.cfs_quota_us" ]; then
+    echo 10000 >"$cg/cpu.cfs_period_us" && echo $(($2 * 100)) >"$cg/cpu.cfs_quota_us" || return 1
+  else
+    echo "$(($2 * 100)) 10000" >"$cg/cpu.max" || return 1
+  fi
+  echo "$cg"
+}

@@ -26,13 +26,8 @@ install_tools
 ulimit -n 20000
 cargo build --release -q -p kp5-tests --bins
 
-if [ -w /sys/fs/cgroup/cpu/cgroup.procs ] && [ -f /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; then
-  CGV=1 CG_MOUNT=/sys/fs/cgroup/cpu
-elif grep -qw cpu /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then
-  CGV=2 CG_MOUNT=/sys/fs/cgroup
-else
-  echo "no writable cgroup cpu controller" >&2; exit 1
-fi
+find_cpu_cgroups
+[ -n "$CG_MOUNT" ] || { echo "no writable cgroup cpu controller" >&2; exit 1; }
 pids=()
 cleanup() {
   for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done
@@ -63,13 +58,8 @@ start_side() { # side what
   esac
   pids+=($pid)
   wait_port "$port"
-  local cg=$CG_MOUNT/kp5-pair-$side p
-  mkdir -p $cg
-  if [ $CGV = 1 ]; then
-    echo 10000 >$cg/cpu.cfs_period_us; echo $((CAP * 100)) >$cg/cpu.cfs_quota_us
-  else
-    echo "$((CAP * 100)) 10000" >$cg/cpu.max
-  fi
+  local cg p
+  cg=$(quota_cgroup kp5-pair-$side "$CAP")
   for p in $pid $(pgrep -P $pid || true); do echo $p >$cg/cgroup.procs; done
   eval "PORT_$side=$port PID_$side=$pid"
 }

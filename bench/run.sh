@@ -98,14 +98,9 @@ core_busy() { # before after
 # Skipped where no cgroup cpu controller can be written (not root, no
 # cgroup v1 cpu hierarchy or v2 cpu controller).
 CAP=${BENCH_CAP_PERCENT:-40}
-CG="" CG_MOUNT=""
-if [ -w /sys/fs/cgroup/cpu/cgroup.procs ] && [ -f /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; then
-  CG_MOUNT=/sys/fs/cgroup/cpu CG=$CG_MOUNT/kp5-bench-cap
-  mkdir -p $CG && echo 10000 >$CG/cpu.cfs_period_us && echo $((CAP * 100)) >$CG/cpu.cfs_quota_us || CG=""
-elif grep -qw cpu /sys/fs/cgroup/cgroup.controllers 2>/dev/null && [ -w /sys/fs/cgroup/cgroup.procs ]; then
-  CG_MOUNT=/sys/fs/cgroup CG=$CG_MOUNT/kp5-bench-cap
-  mkdir -p $CG && echo "$((CAP * 100)) 10000" >$CG/cpu.max || CG=""
-fi
+CG=""
+find_cpu_cgroups
+if [ -n "$CG_MOUNT" ]; then CG=$(quota_cgroup kp5-bench-cap "$CAP") || CG=""; fi
 [ -n "$CG" ] || echo "no writable cgroup cpu controller: the capped slices are skipped" >&2
 declare -A HOME_CG
 cap() { # pid: it and its children into the capped cgroup
