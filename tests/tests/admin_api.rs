@@ -426,11 +426,30 @@ async fn metrics_parse_as_prometheus_text() {
     for _ in 0..3 {
         echo_ok(&mut open_ws).await;
     }
-    let got = get(&hc, &format!("http://{}/metrics", p.admin)).await;
-    assert_eq!(got.status, 200);
-    let text = String::from_utf8(got.body.to_vec()).unwrap();
-    let lines = text.lines().map(|l| Ok(l.to_owned()));
-    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text format");
+    // the tunnel counts a message just after it passes it on, so the last
+    // echo can reach the client a moment before it is counted: scrape
+    // until it is (within a deadline)
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (scrape, relayed) = loop {
+        let got = get(&hc, &format!("http://{}/metrics", p.admin)).await;
+        assert_eq!(got.status, 200);
+        let text = String::from_utf8(got.body.to_vec()).unwrap();
+        let lines = text.lines().map(|l| Ok(l.to_owned()));
+        let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text format");
+        let relayed: f64 = scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == "kp5_upstream_websocket_messages_total")
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum();
+        if relayed >= 6.0 || std::time::Instant::now() > deadline {
+            break (scrape, relayed);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     let names: BTreeSet<&str> = scrape.samples.iter().map(|s| s.metric.as_str()).collect();
     for want in [
         "kp5_requests_total",
@@ -453,15 +472,6 @@ async fn metrics_parse_as_prometheus_text() {
         ref other => panic!("unexpected {other:?}"),
     }
     // messages of a tunnel still open are counted as they pass
-    let relayed: f64 = scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == "kp5_upstream_websocket_messages_total")
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum();
     assert!(relayed >= 6.0, "3 echoes = 6 messages, got {relayed}");
     // every sample is documented in docs/metrics.md
     let documented =
