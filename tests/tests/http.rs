@@ -432,6 +432,117 @@ async fn h2c_many_concurrent_streams_on_one_connection() {
     assert_eq!(proxy.shared.counters.connections_total.load(Relaxed), 1);
 }
 
+/// The proxy's own HTTP/2 loop does per stream what hyper's server did: a
+/// client's RST_STREAM cancels the request in flight (its server
+/// connection is let go at once, not when the server answers), CONNECT is
+/// refused with 405, and a response the proxy makes itself gets a `Date`.
+/// The connection serves on after each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_reset_stream_cancels_the_request_and_connect_is_refused() {
+    const WITHIN: Duration = Duration::from_secs(5);
+    let b = backends(1).await;
+    let proxy = start_proxy(&config(
+        &servers_of(&b),
+        "max_connections_per_server = 1",
+        "",
+    ))
+    .await;
+    let stream = TcpStream::connect(proxy.listen[0]).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let server = proxy.shared.live.get(&b[0].id).unwrap();
+    let open = || server.connections.load(Relaxed);
+    let get = |path: &str| {
+        http::Request::get(format!("http://play.example{path}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+
+    // a request the server holds for 20 s
+    let slow = tokio::spawn(send.send_request(get("/slow/20000")));
+    wait_until(WITHIN, "the slow request to reach the server", || async {
+        open() == 1
+    })
+    .await;
+    // meanwhile the server is full: the proxy's own 503, with a Date
+    let full = send.send_request(get("/full")).await.unwrap();
+    assert_eq!(full.status(), 503);
+    assert!(full.headers().contains_key("date"), "{:?}", full.headers());
+    assert_eq!(full.headers()["retry-after"], "1");
+    // dropped by the client (hyper's client resets the stream): the
+    // proxy lets the server's request go at once
+    slow.abort();
+    wait_until(
+        WITHIN,
+        "the reset stream's request to be let go",
+        || async { open() == 0 },
+    )
+    .await;
+
+    // CONNECT: refused, not forwarded
+    let connect = http::Request::connect("play.example:443")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send.send_request(connect).await.unwrap();
+    assert_eq!(resp.status(), 405);
+
+    // the connection serves on
+    let resp = send.send_request(get("/status/204")).await.unwrap();
+    assert_eq!(resp.status(), 204);
+    assert_eq!(proxy.shared.counters.connections_total.load(Relaxed), 1);
+}
+
+/// An HTTP/2 client that asks for a large response and never opens its
+/// flow-control window past the first 16 KiB: its socket takes every
+/// frame, so only the stream stalls. At the send timeout the proxy resets
+/// the stream (counted as a send timeout) and lets the server's connection
+/// go; the client's connection stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_stream_whose_window_stays_shut_is_reset_at_the_send_timeout() {
+    const WITHIN: Duration = Duration::from_secs(5);
+    let (addr, mut ends) = endless_backend().await;
+    let proxy = start_proxy(&config(&[("raw", addr, 1)], "", "send_timeout_ms = 300")).await;
+    let stream = TcpStream::connect(proxy.listen[0]).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(16 * 1024)
+            .initial_connection_window_size(16 * 1024)
+            .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("http://play.example/big")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let counted = || proxy.shared.counters.send_timeouts.load(Relaxed);
+    wait_until(WITHIN, "the stalled stream to be reset", || async {
+        counted() == 1
+    })
+    .await;
+    assert_cut_short(&mut ends, WITHIN).await;
+    // the body the client never read ends in the reset, short of 64 MiB
+    let mut body = resp.into_body();
+    let mut got = 0;
+    let end = loop {
+        match tokio::time::timeout(WITHIN, body.frame()).await {
+            Ok(Some(Ok(f))) => got += f.data_ref().map_or(0, |d| d.len()),
+            Ok(Some(Err(e))) => break Some(e),
+            Ok(None) => break None,
+            Err(_) => panic!("the body neither ended nor broke off"),
+        }
+    };
+    assert!(end.is_some(), "the body ended cleanly after {got} bytes");
+    assert!(got < 1024 * 1024, "the client got {got} bytes");
+    assert_eq!(proxy.shared.counters.connections_active.load(Relaxed), 1);
+}
+
 /// An HTTP/2 connection is closed (GOAWAY, then the socket) once it has had
 /// no stream in flight and received nothing for `idle_timeout_ms`, like
 /// nginx's `keepalive_timeout`; a stream in flight for longer than that, or

@@ -10,13 +10,110 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+/// A client's request body: read by hyper's server (HTTP/1.1 requests with
+/// a body, TLS) or straight from an HTTP/2 stream ([`H2Body`]).
+#[derive(Debug)]
+pub enum ClientBody {
+    Hyper(Incoming),
+    H2(H2Body),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ClientBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Hyper(b) => b.size_hint(),
+            ClientBody::H2(b) => b.size_hint(),
+        }
+    }
+}
+
+/// The body of a request on an HTTP/2 stream. Each DATA frame's bytes are
+/// given back to the client's flow-control window as they are passed on,
+/// so the client sends no faster than the server takes them. (`h2` checks
+/// the frames against `content-length`.)
+#[derive(Debug)]
+pub struct H2Body {
+    recv: h2::RecvStream,
+    data_done: bool,
+    /// The request's `content-length`, if any.
+    length: Option<u64>,
+}
+
+impl H2Body {
+    pub fn new(recv: h2::RecvStream, length: Option<u64>) -> H2Body {
+        H2Body {
+            recv,
+            data_done: false,
+            length,
+        }
+    }
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = &mut *self;
+        if !this.data_done {
+            match std::task::ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => this.data_done = true,
+            }
+        }
+        match std::task::ready!(this.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.length {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
 /// A request body that can be handed to a second server when connecting to
 /// the first failed: it stays in a shared slot until the client polls it,
 /// which only happens once a connection is established.
 #[derive(Debug)]
 pub struct UpstreamBody {
-    slot: Option<Arc<Mutex<Option<Incoming>>>>,
-    body: Option<Incoming>,
+    slot: Option<Arc<Mutex<Option<ClientBody>>>>,
+    body: Option<ClientBody>,
     end: bool,
     hint: SizeHint,
 }
@@ -24,13 +121,14 @@ pub struct UpstreamBody {
 /// Holds a request body between attempts.
 #[derive(Debug, Clone)]
 pub struct BodySlot {
-    slot: Option<Arc<Mutex<Option<Incoming>>>>,
+    slot: Option<Arc<Mutex<Option<ClientBody>>>>,
     end: bool,
     hint: SizeHint,
 }
 
 impl BodySlot {
-    pub fn new(body: Incoming) -> Self {
+    pub fn new(body: impl Into<ClientBody>) -> Self {
+        let body = body.into();
         let end = body.is_end_stream();
         let hint = body.size_hint();
         let slot = (!end).then(|| Arc::new(Mutex::new(Some(body))));
@@ -81,14 +179,26 @@ impl UpstreamBody {
     }
 }
 
+impl From<Incoming> for ClientBody {
+    fn from(b: Incoming) -> ClientBody {
+        ClientBody::Hyper(b)
+    }
+}
+
+impl From<H2Body> for ClientBody {
+    fn from(b: H2Body) -> ClientBody {
+        ClientBody::H2(b)
+    }
+}
+
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if this.body.is_none() {
             match this.slot.take() {

@@ -420,6 +420,13 @@ fn status_line(out: &mut Vec<u8>, status: StatusCode) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// The `Date` header's value now (for responses hyper or `h2` send).
+pub(super) fn date_value() -> http::HeaderValue {
+    let mut value = None;
+    with_date(|d| value = http::HeaderValue::from_bytes(d).ok());
+    value.unwrap_or_else(|| http::HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"))
+}
+
 /// The `Date` value, formatted once a second per thread.
 fn with_date(f: impl FnOnce(&[u8])) {
     use std::cell::RefCell;
