@@ -3,9 +3,9 @@
 //! in the connection's task ([`Driver`]), each stream a plain state machine
 //! ([`Stream`]) in one `FuturesUnordered`, not a boxed future handed to an
 //! executor. What hyper's HTTP/2 server did per stream is done here the
-//! same way: the client's RST_STREAM cancels the request, the response's
-//! hop-by-hop headers go and a `Date` is added where missing, and the body
-//! is piped under the stream's flow control ([`Pipe`]).
+//! same way: the client's RST_STREAM cancels the request, a `Date` is
+//! added where missing, and the body is piped under the stream's flow
+//! control ([`Pipe`]).
 
 use crate::app::ConnCtx;
 use crate::clock::{coarse_ms, instant_at};
@@ -254,9 +254,10 @@ impl<F: Future<Output = Response<ProxyBody>>> Future for Stream<F> {
                 };
                 let (mut head, body) = resp.into_parts();
                 let h = &mut head.headers;
-                // what HTTP/2 forbids (RFC 9113 §8.2.2): the request path
-                // strips them from servers' responses already
-                forward::headers::strip_hop_by_hop(h, false);
+                // hop-by-hop headers, which HTTP/2 forbids (RFC 9113
+                // §8.2.2), are gone: the request path strips them from
+                // every server's response (were one left, `h2` would
+                // refuse the response, and the stream be reset)
                 if !h.contains_key(header::DATE) {
                     h.insert(header::DATE, super::h1::date_value());
                 }
