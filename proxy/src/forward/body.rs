@@ -5,6 +5,7 @@ use crate::affinity::MatchLease;
 use crate::state::ConnGuard;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -12,40 +13,7 @@ use std::task::{Context, Poll};
 
 /// A client's request body: read by hyper's server (HTTP/1.1 requests with
 /// a body, TLS) or straight from an HTTP/2 stream ([`H2Body`]).
-#[derive(Debug)]
-pub enum ClientBody {
-    Hyper(Incoming),
-    H2(H2Body),
-}
-
-impl Body for ClientBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            ClientBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ClientBody::Hyper(b) => b.is_end_stream(),
-            ClientBody::H2(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ClientBody::Hyper(b) => b.size_hint(),
-            ClientBody::H2(b) => b.size_hint(),
-        }
-    }
-}
+pub type ClientBody = Either<Incoming, H2Body>;
 
 /// The body of a request on an HTTP/2 stream. Each DATA frame's bytes are
 /// given back to the client's flow-control window as they are passed on,
@@ -127,8 +95,7 @@ pub struct BodySlot {
 }
 
 impl BodySlot {
-    pub fn new(body: impl Into<ClientBody>) -> Self {
-        let body = body.into();
+    pub fn new(body: ClientBody) -> Self {
         let end = body.is_end_stream();
         let hint = body.size_hint();
         let slot = (!end).then(|| Arc::new(Mutex::new(Some(body))));
@@ -176,18 +143,6 @@ impl UpstreamBody {
             end: true,
             hint: SizeHint::with_exact(0),
         }
-    }
-}
-
-impl From<Incoming> for ClientBody {
-    fn from(b: Incoming) -> ClientBody {
-        ClientBody::Hyper(b)
-    }
-}
-
-impl From<H2Body> for ClientBody {
-    fn from(b: H2Body) -> ClientBody {
-        ClientBody::H2(b)
     }
 }
 

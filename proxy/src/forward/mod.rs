@@ -19,6 +19,7 @@ use bytes::Bytes;
 use error::ProxyError;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
@@ -40,7 +41,7 @@ pub fn handle(
     let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    handle_parts(parts, BodySlot::new(body), on_upgrade, ctx).map(Ok)
+    handle_parts(parts, BodySlot::new(Either::Left(body)), on_upgrade, ctx).map(Ok)
 }
 
 /// Serves one request taken apart: its head, its body (if any) and, for an

@@ -18,6 +18,7 @@ use h2::server::SendResponse;
 use h2::{Reason, RecvStream, SendStream};
 use http::{header, Method, Request, Response, StatusCode};
 use http_body::Body;
+use http_body_util::Either;
 use kp5_shared::http::until_done;
 use pin_project_lite::pin_project;
 use std::future::Future;
@@ -117,7 +118,7 @@ fn service(
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
-        BodySlot::new(H2Body::new(recv, length))
+        BodySlot::new(Either::Right(H2Body::new(recv, length)))
     };
     forward::handle_parts(parts, body, None, ctx.clone())
 }
