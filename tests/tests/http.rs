@@ -366,6 +366,29 @@ async fn h2c_prior_knowledge_to_http1_backend() {
     assert_eq!(v["headers"]["host"], proxy.listen[0].to_string());
 }
 
+type H2cConnection = hyper::client::conn::http2::Connection<
+    TokioIo<TcpStream>,
+    Full<Bytes>,
+    hyper_util::rt::TokioExecutor,
+>;
+
+/// An HTTP/2 client connection by prior knowledge (h2c) to `addr`: the
+/// request sender, and the connection to drive.
+async fn h2c(
+    addr: std::net::SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    H2cConnection,
+) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap()
+}
+
 /// Many concurrent HTTP/2 streams on one connection, small and large bodies
 /// both ways: the proxy runs a connection's streams in the connection's own
 /// task and batches their frames, and none may be lost or mixed up.
@@ -373,13 +396,7 @@ async fn h2c_prior_knowledge_to_http1_backend() {
 async fn h2c_many_concurrent_streams_on_one_connection() {
     let b = backends(2).await;
     let proxy = start_proxy(&config(&servers_of(&b), "", "")).await;
-    let stream = TcpStream::connect(proxy.listen[0]).await.unwrap();
-    let (send, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
+    let (send, conn) = h2c(proxy.listen[0]).await;
     tokio::spawn(conn);
     let requests = (0..300).map(|i| {
         let mut send = send.clone();
@@ -447,13 +464,7 @@ async fn h2c_reset_stream_cancels_the_request_and_connect_is_refused() {
         "",
     ))
     .await;
-    let stream = TcpStream::connect(proxy.listen[0]).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
+    let (mut send, conn) = h2c(proxy.listen[0]).await;
     tokio::spawn(conn);
     let server = proxy.shared.live.get(&b[0].id).unwrap();
     let open = || server.connections.load(Relaxed);
@@ -551,13 +562,7 @@ async fn h2c_stream_whose_window_stays_shut_is_reset_at_the_send_timeout() {
 async fn h2c_idle_connection_closed_after_idle_timeout() {
     let b = backends(1).await;
     let proxy = start_proxy(&config(&servers_of(&b), "", "idle_timeout_ms = 400")).await;
-    let stream = TcpStream::connect(proxy.listen[0]).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
+    let (mut send, conn) = h2c(proxy.listen[0]).await;
     let ended = tokio::spawn(async move {
         let r = conn.await;
         (r, std::time::Instant::now())
