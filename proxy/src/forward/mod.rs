@@ -31,8 +31,8 @@ use tokio::net::TcpStream;
 /// Header carrying a match's fencing token to its server.
 pub const FENCING_HEADER: &str = "x-kp5-fencing-token";
 
-/// Serves one request from a client connection (hyper's servers: HTTP/2,
-/// TLS, and HTTP/1.1 requests with a body or an upgrade).
+/// Serves one request from hyper's HTTP/1.1 server (TLS, and plain
+/// requests with a body or an upgrade).
 pub fn handle(
     mut req: Request<Incoming>,
     ctx: Arc<ConnCtx>,
@@ -47,8 +47,8 @@ pub fn handle(
 /// Serves one request taken apart: its head, its body (if any) and, for an
 /// upgrade, the client's side of the connection to come.
 ///
-/// Its future is boxed per HTTP/2 stream and lives as long as the request,
-/// so it is kept small: the synchronous work is done here, and what follows
+/// Its future is moved into each HTTP/2 stream's state and lives as long
+/// as the request, so it is kept small: the synchronous work is done here, and what follows
 /// the exchange is a combinator (an `async` block would keep its own copy
 /// of the future it awaits).
 pub fn handle_parts(
