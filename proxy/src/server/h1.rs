@@ -420,7 +420,7 @@ fn status_line(out: &mut Vec<u8>, status: StatusCode) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// The `Date` header's value now (for responses hyper or `h2` send).
+/// The `Date` header's value now (for HTTP/2 responses without one).
 pub(super) fn date_value() -> http::HeaderValue {
     let mut value = None;
     with_date(|d| value = http::HeaderValue::from_bytes(d).ok());

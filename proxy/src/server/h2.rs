@@ -96,10 +96,8 @@ pub(super) async fn serve<I>(
     };
     if let Err(e) = until_done(driver, stop, |d| d.get_mut().conn.graceful_shutdown()).await {
         tracing::debug!(%peer, error = %e, "h2 connection ended with an error");
-        if e.get_io()
-            .is_some_and(|io| crate::send_timeout::is_stall(io))
-        {
-            counters.send_timeouts.fetch_add(1, Relaxed);
+        if let Some(io) = e.get_io() {
+            super::count_stall(&counters, io);
         }
     }
 }
@@ -262,32 +260,27 @@ impl<F: Future<Output = Response<ProxyBody>>> Future for Stream<F> {
                 if !h.contains_key(header::DATE) {
                     h.insert(header::DATE, super::h1::date_value());
                 }
-                if body.is_end_stream() {
-                    if let Err(e) = me.reply.send_response(Response::from_parts(head, ()), true) {
-                        tracing::debug!(error = %e, "response not sent");
-                        me.reply.send_reset(Reason::INTERNAL_ERROR);
-                    }
-                    return Poll::Ready(End::Done);
-                }
-                if let Some(n) = body.size_hint().exact() {
+                let eos = body.is_end_stream();
+                if let (false, Some(n)) = (eos, body.size_hint().exact()) {
                     h.entry(header::CONTENT_LENGTH).or_insert_with(|| n.into());
                 }
-                match me
-                    .reply
-                    .send_response(Response::from_parts(head, ()), false)
-                {
-                    Ok(tx) => Pipe {
-                        tx,
-                        body,
-                        waiting: None,
-                        send_timeout: *me.send_timeout,
-                        stalled: None,
-                    },
+                let tx = match me.reply.send_response(Response::from_parts(head, ()), eos) {
+                    Ok(tx) => tx,
                     Err(e) => {
                         tracing::debug!(error = %e, "response not sent");
                         me.reply.send_reset(Reason::INTERNAL_ERROR);
                         return Poll::Ready(End::Done);
                     }
+                };
+                if eos {
+                    return Poll::Ready(End::Done);
+                }
+                Pipe {
+                    tx,
+                    body,
+                    waiting: None,
+                    send_timeout: *me.send_timeout,
+                    stalled: None,
                 }
             }
         };
