@@ -69,7 +69,7 @@ pub(super) async fn serve<I>(
         .max_concurrent_streams(MAX_STREAMS)
         .max_send_buffer_size(MAX_SEND_BUFFER)
         .max_local_error_reset_streams(Some(MAX_LOCAL_RESETS));
-    // the client's SETTINGS within the header timeout
+    // our SETTINGS out and the client's preface in, within the header timeout
     let handshake = tokio::time::timeout(settings.header_read_timeout, b.handshake::<_, Bytes>(io));
     let conn = tokio::select! {
         r = handshake => match r {
